@@ -1,0 +1,176 @@
+"""The `samoe` command: train, eval, generate, params.
+
+Config values come from defaults <- --preset <- --config FILE <- `key.path=value` overrides
+(e.g. `model.moe.num_experts=8 train.max_steps=200`). User errors print one line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from samoe.config import field_paths, load_config, preset_names
+from samoe.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def _overrides_help() -> str:
+    keys = "\n".join(f"  {k} (default {v})" for k, v in field_paths())
+    return f"config keys (override with key.path=value):\n{keys}"
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="config overrides (see below)")
+    p.add_argument("--config", help="a YAML config file")
+    p.add_argument("--preset", help=f"a built-in preset: {', '.join(preset_names())}")
+
+
+def _cli_overrides(args) -> list[str]:
+    """The everyday flags as overrides, after the positional ones."""
+    out = list(args.overrides)
+    for flag, key in [("max_steps", "train.max_steps"), ("seed", "train.seed"), ("device", "train.device"),
+                      ("data", "data.path")]:
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.append(f"{key}={json.dumps(value)}")
+    return out
+
+
+def cmd_train(args) -> int:
+    from samoe.train.loop import load_run_config, train
+
+    overrides = _cli_overrides(args)
+    if args.resume:
+        run_dir = Path(args.out or args.resume_dir or "")
+        if not str(run_dir) or run_dir == Path(""):
+            raise UserError("--resume needs the run directory: samoe train --resume --out RUN_DIR")
+        if args.config or args.preset:
+            raise UserError("--resume continues a run with its saved config; drop --config/--preset")
+        changed = [o.split("=")[0] for o in overrides if o.split("=")[0] not in ("train.max_steps", "train.device")]
+        if changed:
+            raise UserError(f"--resume cannot change {', '.join(changed)}; only train.max_steps and train.device")
+        cfg = load_run_config(run_dir, overrides)
+    else:
+        cfg = load_config(args.config, args.preset or (None if args.config else "default"), overrides)
+        name = args.preset or (Path(args.config).stem if args.config else "default")
+        run_dir = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    print(f"run directory: {run_dir}", file=sys.stderr)
+    summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+    print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.0f}s; "
+          f"val_loss {summary['val_loss']:.4f}, val_ppl {summary['val_ppl']:.2f}, val_bpb {summary['val_bpb']:.3f} "
+          f"(unigram ppl {summary['unigram_ppl']:.1f}); results in {run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from samoe.data.prepare import load_eval_stream, load_splits
+    from samoe.eval.perplexity import evaluate
+    from samoe.train.loop import autocast_for, load_trained
+
+    cfg, model, tok = load_trained(args.run_dir, args.device or "auto")
+    stream = load_eval_stream(args.data, tok) if args.data else load_splits(cfg.data, cfg.model.vocab_size, tok).val
+    batch = cfg.train.micro_batch_size or cfg.train.batch_size
+    device = next(model.parameters()).device
+    result = evaluate(model, stream, tok.token_bytes(), batch, args.max_tokens, autocast_for(cfg, device))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:<12} {v:.4f}" if isinstance(v, float) else f"{k:<12} {v}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from samoe.train.loop import load_trained
+
+    cfg, model, tok = load_trained(args.run_dir, args.device or "auto")
+    device = next(model.parameters()).device
+    ids = tok.encode(args.prompt) or [tok.eot_id]
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    out = model.generate(torch.tensor([ids], device=device), args.max_tokens, args.temperature, args.top_k, gen)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_params(args) -> int:
+    from samoe.analysis.params import count_config_params, format_params
+
+    target = args.target
+    if target.endswith((".yaml", ".yml")) or Path(target).is_file():
+        cfg = load_config(target, overrides=args.overrides)
+    else:
+        cfg = load_config(preset=target, overrides=args.overrides)
+    counts = count_config_params(cfg.model)
+    print(json.dumps(counts) if args.json else format_params(counts))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="samoe", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("train", help="train a model (default: small SaMoE on the stdlib docs corpus)",
+                       epilog=_overrides_help(), formatter_class=fmt)
+    _config_args(p)
+    p.add_argument("--data", help="a text file, a directory of text files, or JSONL with a 'text' field")
+    p.add_argument("--out", help="run directory (default: runs/<name>-<time>)")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="RUN_DIR",
+                   help="continue the run in --out (or RUN_DIR) from its latest checkpoint")
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="evaluate on all documents of this path instead of the run's validation split")
+    p.add_argument("--max-tokens", type=int, help="score at most this many tokens")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="sample text from a run")
+    p.add_argument("run_dir")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("params", help="parameter counts (total, active per token, by component)")
+    p.add_argument("target", help=f"a preset ({', '.join(preset_names())}) or a config YAML file")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_params)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "resume", False) not in (False, True):
+        args.resume_dir, args.resume = args.resume, True
+    else:
+        args.resume_dir = None
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"samoe: error: {e}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("samoe: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

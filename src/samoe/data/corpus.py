@@ -1,0 +1,207 @@
+"""Text corpora as lists of documents (str): the built-in stdlib-docstring corpus or user files.
+
+A document is the unit that split_documents assigns to train or validation and that
+encode_documents terminates with the end-of-text token.
+"""
+
+import ast
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+import warnings
+from pathlib import Path
+
+from samoe.errors import DataError
+from samoe.fileio import write_text_atomic
+
+SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+def cache_dir() -> Path:
+    """$SAMOE_CACHE, else $XDG_CACHE_HOME/samoe, else ~/.cache/samoe."""
+    if os.environ.get("SAMOE_CACHE"):
+        return Path(os.environ["SAMOE_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "samoe"
+
+
+# ---------------------------------------------------------------------------------------------
+# built-in corpus: docstrings of the installed Python standard library
+
+
+def _docstring_blocks(body, prefix: str = ""):
+    """Yield 'header\\ndocstring' for every documented class/function in body, recursively."""
+    for node in body:
+        if isinstance(node, ast.ClassDef):
+            header = f"class {prefix}{node.name}:"
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            kw = "async def" if isinstance(node, ast.AsyncFunctionDef) else "def"
+            header = f"{kw} {prefix}{node.name}({ast.unparse(node.args)}):"
+        else:
+            continue
+        doc = ast.get_docstring(node, clean=True)
+        if doc:
+            yield f"{header}\n{doc}"
+        yield from _docstring_blocks(node.body, f"{prefix}{node.name}.")
+
+
+def module_document(source: bytes) -> str | None:
+    """The document for one module's source (parsed, never imported), or None if it has no docstrings."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. SyntaxWarning for invalid escapes in old code
+        tree = ast.parse(source)
+    blocks = [ast.get_docstring(tree, clean=True) or "", *_docstring_blocks(tree.body)]
+    blocks = [b for b in blocks if b]
+    return "\n\n".join(blocks) if blocks else None
+
+
+def _extract_stdlib(root: Path) -> list[str]:
+    docs = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.startswith("."))
+        for name in sorted(filenames):
+            if not name.endswith(".py"):
+                continue
+            try:
+                doc = module_document(Path(dirpath, name).read_bytes())
+            except (SyntaxError, ValueError, OSError):  # ValueError: NUL bytes / bad encoding
+                continue
+            if doc:
+                docs.append(doc)
+    return docs
+
+
+def stdlib_documents(root=None, cache=None) -> list[str]:
+    """One document per documented module of the Python standard library (the default corpus).
+
+    Each document is the module docstring followed by every class/function/method docstring,
+    each under a header line such as `class Foo:` or `def Foo.bar(self, x):`. Files are parsed
+    with ast in sorted order, never imported; test directories and site-packages are skipped.
+    The result is cached as JSONL ({"text": ...} per line) at
+    `cache/stdlib-docs-py{X.Y.Z}.jsonl` (cache defaults to cache_dir()); root defaults to the
+    running interpreter's stdlib. Both arguments exist for tests.
+    """
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    v = sys.version_info
+    path = Path(cache or cache_dir()) / f"stdlib-docs-py{v.major}.{v.minor}.{v.micro}.jsonl"
+    if path.is_file():
+        return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+    docs = _extract_stdlib(root)
+    if not docs:
+        raise DataError(f"no docstrings found in the Python standard library at '{root}'; pass a data path")
+    try:
+        write_text_atomic(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
+    except OSError as e:  # an unwritable cache only costs a re-extraction next time
+        warnings.warn(f"could not cache the stdlib corpus at '{path}': {e}")
+    return docs
+
+
+# ---------------------------------------------------------------------------------------------
+# user data
+
+
+def _read_text(path: Path) -> str:
+    """Strictly decoded UTF-8 text of a file (BOM dropped); DataError if binary or not UTF-8."""
+    data = path.read_bytes()
+    if b"\0" in data[:8192]:
+        raise DataError(f"'{path}' looks binary (NUL bytes); expected UTF-8 text")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        where = f"byte 0x{data[e.start]:02x} at offset {e.start}"
+        raise DataError(f"'{path}' is not valid UTF-8 ({where})") from None
+    return text.removeprefix("\ufeff")
+
+
+def _jsonl_documents(path: Path) -> list[str]:
+    docs = []
+    for n, line in enumerate(_read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"'{path}' line {n}: invalid JSON ({e.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise DataError(f"'{path}' line {n}: expected a JSON object with a string \"text\" field")
+        if record["text"].strip():
+            docs.append(record["text"])
+    return docs
+
+
+def split_text(text: str, max_doc_chars: int = 4000) -> list[str]:
+    """Documents of a plain text: blocks of non-blank lines separated by blank lines.
+
+    A block longer than max_doc_chars is cut at line boundaries into pieces of at most
+    max_doc_chars characters (a single longer line stays whole), so a file without blank lines
+    still yields many documents.
+    """
+    docs, lines, size = [], [], 0
+    for line in [*text.splitlines(), ""]:  # the trailing "" flushes the last block
+        if not line.strip() or (lines and size + len(line) + 1 > max_doc_chars):
+            if lines:
+                docs.append("\n".join(lines))
+            lines, size = [], 0
+        if line.strip():
+            lines.append(line)
+            size += len(line) + 1
+    return docs
+
+
+def _file_documents(path: Path, max_doc_chars: int) -> list[str]:
+    if path.suffix == ".jsonl":
+        return _jsonl_documents(path)
+    return split_text(_read_text(path), max_doc_chars)
+
+
+def read_documents(path, max_doc_chars: int = 4000) -> list[str]:
+    """Documents of a user data path: a .jsonl file (one {"text": ...} per line), a plain text
+    file (see split_text), or a directory of such files (recursive, sorted, hidden entries
+    skipped; empty files ignored). Raises DataError for anything unusable."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data path '{path}' does not exist")
+    if path.is_dir():
+        files = sorted(
+            p for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
+        docs = [d for p in files for d in _file_documents(p, max_doc_chars)]
+        if not docs:
+            raise DataError(f"data directory '{path}' contains no text files with any text")
+        return docs
+    docs = _file_documents(path, max_doc_chars)
+    if not docs:
+        raise DataError(f"'{path}' contains no text")
+    return docs
+
+
+def split_documents(docs: list[str], val_fraction: float = 0.05) -> tuple[list[str], list[str]]:
+    """Deterministic train/validation split by document content.
+
+    A document goes to validation iff h(text) < val_fraction, where
+    h(text) = int(sha256(text.encode()).hexdigest()[:8], 16) / 2**32, so exact duplicates
+    always land on the same side. Both sides are made non-empty: if validation is empty, the
+    document(s) with the smallest h move to it; if train is empty, those with the largest h
+    move to train. Needs at least 2 distinct documents. Order within each side is kept.
+    """
+    distinct = len(set(docs))
+    if distinct < 2:
+        raise DataError(f"need at least 2 distinct documents for a train/validation split, got {distinct}")
+    h = [int(hashlib.sha256(d.encode()).hexdigest()[:8], 16) / 2**32 for d in docs]
+    in_val = [x < val_fraction for x in h]
+    lo, hi = min(h), max(h)
+    if not any(in_val):
+        in_val = [x == lo for x in h]
+    elif all(in_val):
+        in_val = [x != hi for x in h]
+    train = [d for d, v in zip(docs, in_val) if not v]
+    val = [d for d, v in zip(docs, in_val) if v]
+    return train, val
+
+
+def load_corpus(path=None) -> list[str]:
+    """The documents of a data path, or of the built-in stdlib corpus when path is None."""
+    return stdlib_documents() if path is None else read_documents(path)

@@ -1,0 +1,85 @@
+"""Token arrays, random training batches, deterministic evaluation windows and reference metrics."""
+
+import math
+
+import numpy as np
+import torch
+
+from samoe.errors import DataError
+
+
+def encode_documents(tok, docs: list[str], chunk: int = 1024) -> np.ndarray:
+    """All documents as one 1-D array: tokens(doc_0) eot tokens(doc_1) eot ...
+
+    dtype is uint16 when vocab_size < 65536, else uint32. Documents are encoded `chunk` at a time.
+    """
+    dtype = np.uint16 if tok.vocab_size < 2**16 else np.uint32
+    eot = np.array([tok.eot_id], dtype=dtype)
+    parts = []
+    for i in range(0, len(docs), chunk):
+        for ids in tok.encode_batch(docs[i : i + chunk]):
+            parts += [np.asarray(ids, dtype=dtype), eot]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+class TokenStream:
+    """A 1-D token array (numpy, may be a memmap) read as next-token-prediction windows.
+
+    A window of length S is x = tokens[s : s+S], y = tokens[s+1 : s+S+1]; x and y are
+    int64 CPU tensors. `name` (e.g. "validation split") appears in errors.
+    """
+
+    def __init__(self, tokens: np.ndarray, name: str = "token stream"):
+        self.tokens = tokens
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def _check(self, seq_len: int) -> None:
+        if len(self.tokens) < seq_len + 1:
+            raise DataError(
+                f"{self.name} has {len(self.tokens)} tokens; seq_len {seq_len} needs at least {seq_len + 1}"
+            )
+
+    def _windows(self, starts: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = torch.from_numpy(self.tokens[starts[:, None] + np.arange(seq_len + 1)].astype(np.int64))
+        return w[:, :-1], w[:, 1:]
+
+    def sample_batch(self, batch_size: int, seq_len: int, generator: torch.Generator):
+        """(x, y), each [batch_size, seq_len], at start offsets uniform in [0, len - seq_len - 1]
+        drawn with torch.randint from `generator` (save/restore its get_state() to resume exactly)."""
+        self._check(seq_len)
+        starts = torch.randint(len(self.tokens) - seq_len, (batch_size,), generator=generator)
+        return self._windows(starts.numpy(), seq_len)
+
+    def num_eval_windows(self, seq_len: int, max_tokens: int | None = None) -> int:
+        """Full windows used by eval_batches: (len - 1) // seq_len, capped at max_tokens // seq_len
+        (but at least 1). The tail that does not fill a window is dropped."""
+        self._check(seq_len)
+        n = (len(self.tokens) - 1) // seq_len
+        return n if max_tokens is None else max(1, min(n, max_tokens // seq_len))
+
+    def eval_batches(self, batch_size: int, seq_len: int, max_tokens: int | None = None):
+        """Yield (x, y) of [<= batch_size, seq_len] for the non-overlapping windows starting at
+        0, seq_len, 2*seq_len, ...: every target token from tokens[1] on is predicted exactly once,
+        for num_eval_windows(seq_len, max_tokens) * seq_len targets in total. Deterministic."""
+        n = self.num_eval_windows(seq_len, max_tokens)
+        for i in range(0, n, batch_size):
+            yield self._windows(np.arange(i, min(i + batch_size, n)) * seq_len, seq_len)
+
+
+def unigram_perplexity(targets: np.ndarray, vocab_size: int) -> float:
+    """exp(-sum_v p_v log p_v) with p_v = c_v / N, the empirical unigram distribution of targets.
+
+    This is the perplexity of the best context-free predictor on these very tokens: the
+    reference a language model must beat to have learned anything from context.
+    """
+    counts = np.bincount(np.asarray(targets, dtype=np.int64), minlength=vocab_size)
+    p = counts[counts > 0] / counts.sum()
+    return float(np.exp(-(p * np.log(p)).sum()))
+
+
+def bits_per_byte(total_nll_nats: float, total_bytes: int) -> float:
+    """total_nll / ln 2 / total_bytes: tokenizer-independent loss (bytes from token_bytes())."""
+    return total_nll_nats / math.log(2) / total_bytes

@@ -1,0 +1,208 @@
+"""A GPT-style decoder whose FFN blocks may be Mixture-of-Experts layers.
+
+    x_0 = wte(idx) (+ wpe(pos) for learned positions)
+    x_{i+1} = h_i + ffn_i(LN(h_i)),   h_i = x_i + attn_i(LN(x_i))      (pre-LayerNorm)
+    logits = LN(x_L) · wteᵀ                                            (tied embeddings)
+
+ffn_i is a dense FeedForward, or an MoEFeedForward in every `moe.every`-th block. With
+sharing = "pool" the model owns SaMoE's global pool (P1 [K, E, d, h] ...) and each MoE layer
+holds only its router and coefficient logits; with sharing = "shared" the model owns one bank
+of M experts that every layer routes into.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from samoe.config import ModelConfig, expert_hidden, experts_per_layer, ffn_hidden, moe_layer_ids
+from samoe.model.ffn import FeedForward
+from samoe.moe.experts import ExpertWeights, PoolMixture, SharedBank
+from samoe.moe.layer import MoEFeedForward
+from samoe.moe.routers import HashRouter, TopKRouter, build_router
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos, sin [S, head_dim/2] for rotary position embeddings (RoFormer)."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    angles = torch.outer(torch.arange(seq_len).float(), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[..., :h/2], x[..., h/2:]) of x [B, H, S, h] by position-dependent angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        nn.init.normal_(self.qkv.weight, std=0.02)
+        nn.init.normal_(self.proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
+        nn.init.zeros_(self.qkv.bias)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor] | None) -> Tensor:
+        B, S, d = x.shape
+        q, k, v = self.qkv(x).view(B, S, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        if rotary is not None:
+            cos, sin = (t[:S] for t in rotary)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(B, S, d))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, ffn: nn.Module):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.ffn = ffn
+
+    def forward(self, x: Tensor, token_ids: Tensor, rotary) -> tuple[Tensor, dict[str, Tensor]]:
+        x = x + self.attn(self.ln_1(x), rotary)
+        if isinstance(self.ffn, MoEFeedForward):
+            y, aux = self.ffn(self.ln_2(x), token_ids)
+            return x + y, aux
+        return x + self.ffn(self.ln_2(x)), {}
+
+
+@dataclass
+class GPTOutput:
+    logits: Tensor  # [B, S, V]
+    loss: Tensor | None  # LM cross-entropy (mean over target tokens), when targets are given
+    aux: dict[str, Tensor]  # auxiliary losses, each averaged over the MoE layers
+    aux_loss: Tensor  # Σ weight · aux, to add to the LM loss in training
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        moe = cfg.moe
+        d, L = cfg.d_model, cfg.n_layers
+        self.wte = nn.Embedding(cfg.vocab_size, d)
+        self.wpe = nn.Embedding(cfg.block_size, d) if cfg.positions == "learned" else None
+        nn.init.normal_(self.wte.weight, std=0.02)
+        if self.wpe is not None:
+            nn.init.normal_(self.wpe.weight, std=0.02)
+        self.drop = nn.Dropout(cfg.dropout)
+
+        moe_ids, n_experts = moe_layer_ids(cfg), experts_per_layer(cfg)
+        f_exp = expert_hidden(cfg)
+        self.expert_pool = self.expert_bank = None
+        if moe_ids and moe.sharing == "pool":
+            self.expert_pool = ExpertWeights((moe.pool.size,), max(n_experts), d, f_exp, cfg.activation, L)
+        elif moe_ids and moe.sharing == "shared":
+            self.expert_bank = ExpertWeights((), moe.shared_experts, d, f_exp, cfg.activation, L)
+
+        blocks = []
+        for i in range(L):
+            if i in moe_ids:
+                pos = moe_ids.index(i)
+                blocks.append(Block(cfg, self._moe_ffn(pos, len(moe_ids), n_experts[pos], f_exp)))
+            else:
+                blocks.append(Block(cfg, FeedForward(d, ffn_hidden(cfg), cfg.activation, L, cfg.dropout)))
+        self.blocks = nn.ModuleList(blocks)
+        self.ln_f = nn.LayerNorm(d)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        else:
+            nn.init.normal_(self.lm_head.weight, std=0.02)
+        if cfg.positions == "rotary":
+            cos, sin = rotary_tables(cfg.block_size, d // cfg.n_heads)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
+
+    def _moe_ffn(self, pos: int, n_moe: int, num_experts: int, hidden: int) -> MoEFeedForward:
+        cfg, moe = self.cfg, self.cfg.moe
+        if moe.sharing == "pool":
+            experts = PoolMixture(self.expert_pool, num_experts, moe.pool, pos, n_moe)
+        elif moe.sharing == "shared":
+            experts = SharedBank(self.expert_bank)
+        else:
+            experts = ExpertWeights((), num_experts, cfg.d_model, hidden, cfg.activation, cfg.n_layers)
+        router = build_router(moe, cfg.d_model, num_experts, cfg.vocab_size)
+        residual = (FeedForward(cfg.d_model, ffn_hidden(cfg), cfg.activation, cfg.n_layers, cfg.dropout)
+                    if moe.residual else None)
+        return MoEFeedForward(router, experts, cfg.activation, residual)
+
+    def moe_layers(self) -> list[MoEFeedForward]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFeedForward)]
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> GPTOutput:
+        """idx [B, S] token ids (S <= block_size); targets [B, S] (-100 = ignore) or None."""
+        B, S = idx.shape
+        if S > self.cfg.block_size:
+            raise ValueError(f"sequence length {S} exceeds block_size {self.cfg.block_size}")
+        x = self.wte(idx)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(S, device=idx.device))
+        x = self.drop(x)
+        rotary = (self.rotary_cos, self.rotary_sin) if self.cfg.positions == "rotary" else None
+        auxes = []
+        for block in self.blocks:
+            x, aux = block(x, idx, rotary)
+            if aux:
+                auxes.append(aux)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        aux = {name: torch.stack([a[name] for a in auxes]).mean() for name in (auxes[0] if auxes else {})}
+        moe = self.cfg.moe
+        aux_loss = logits.new_zeros((), dtype=torch.float32)
+        if aux:
+            aux_loss = moe.load_balance_weight * aux["load_balance"] + moe.z_loss_weight * aux["z_loss"]
+        return GPTOutput(logits, loss, aux, aux_loss)
+
+    def routing_stats(self) -> dict[str, float]:
+        """Routing statistics of the last forward, averaged over MoE layers."""
+        stats = [layer.last_stats for layer in self.moe_layers() if layer.last_stats]
+        if not stats:
+            return {}
+        return {k: float(torch.stack([s[k] for s in stats if k in s]).mean())
+                for k in stats[0]}
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        """Apply the auxiliary-loss-free bias update (after each optimiser step)."""
+        for layer in self.moe_layers():
+            if isinstance(layer.router, TopKRouter) and self.cfg.moe.aux_free_bias:
+                layer.router.update_bias()
+
+    @torch.no_grad()
+    def set_token_frequencies(self, counts: Tensor) -> None:
+        """Build the frequency-balanced hash routing table from token counts [V]."""
+        for layer in self.moe_layers():
+            if isinstance(layer.router, HashRouter):
+                layer.router.set_token_frequencies(counts)
+
+    @torch.no_grad()
+    def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0,
+                 top_k: int | None = None, generator: torch.Generator | None = None) -> Tensor:
+        """Sample continuations of idx [B, S]; temperature 0 means greedy."""
+        for _ in range(max_new_tokens):
+            context = idx[:, -self.cfg.block_size:]
+            logits = self(context).logits[:, -1, :].float()
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(logits.softmax(dim=-1), 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+        return idx

@@ -1,0 +1,71 @@
+"""The MoE feed-forward layer: route -> dispatch -> experts -> combine.
+
+    y[t] = Σ_{slots j kept} gate[t, j] · expert_{e[t, j]}(x[t])
+
+Dispatch sorts the kept (token, expert) pairs by expert and runs each expert once on its
+contiguous slice, then adds the gated outputs back with index_add; no [T, E, C] one-hot
+tensors. Capacity and dropless routing share this path (they differ only in `keep`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from samoe.model.ffn import FeedForward, activate
+from samoe.moe.experts import ExpertTensors
+from samoe.moe.routers import Routing
+
+
+def dispatch(x: Tensor, routing: Routing, weights: ExpertTensors, activation: str) -> Tensor:
+    """Run the routed experts: x [T, d] -> y [T, d] (zero rows for tokens dropped everywhere)."""
+    w1, b1, w2, b2 = weights
+    num_experts = w1.shape[0]
+    T, k = routing.expert.shape
+    token = torch.arange(T, device=x.device).unsqueeze(1).expand(T, k)[routing.keep]
+    expert = routing.expert[routing.keep]
+    gate = routing.gate[routing.keep]
+    order = torch.argsort(expert, stable=True)
+    token, expert, gate = token[order], expert[order], gate[order]
+    counts = torch.bincount(expert, minlength=num_experts).tolist()
+    # unbind once: indexing w1[e] in the loop would make autograd build a full-size
+    # gradient for every expert.
+    w1s, b1s, w2s, b2s = (w.unbind(0) for w in weights)
+    outs = [
+        torch.addmm(b2s[e], activate(torch.addmm(b1s[e], xe, w1s[e]), activation), w2s[e])
+        for e, xe in enumerate(x[token].split(counts))
+        if counts[e]
+    ]
+    if not outs:
+        return torch.zeros_like(x)
+    y = torch.cat(outs) * gate.unsqueeze(1).to(outs[0].dtype)
+    return torch.zeros(T, x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y).to(x.dtype)
+
+
+class MoEFeedForward(nn.Module):
+    """An MoE FFN block: a router plus an expert provider (private experts, a SaMoE pool
+    mixture or the shared bank), optionally mixed with a dense branch (PR-MoE residual):
+
+        y = p0 · moe(x) + p1 · ffn(x),   (p0, p1) = softmax(x · W_c)
+    """
+
+    def __init__(self, router: nn.Module, experts: nn.Module, activation: str, residual: FeedForward | None = None):
+        super().__init__()
+        self.router = router
+        self.experts = experts
+        self.activation = activation
+        self.residual = residual
+        self.residual_coef = nn.Linear(residual.fc1.in_features, 2) if residual is not None else None
+        self.last_stats: dict[str, Tensor] = {}
+
+    def forward(self, x: Tensor, token_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """x [B, S, d], token_ids [B, S] -> (y [B, S, d], auxiliary losses)."""
+        B, S, d = x.shape
+        flat = x.reshape(B * S, d)
+        routing: Routing = self.router(flat, token_ids.reshape(-1))
+        y = dispatch(flat, routing, self.experts(), self.activation).view(B, S, d)
+        self.last_stats = routing.stats()
+        if self.residual is not None:
+            p = self.residual_coef(x).softmax(dim=-1)
+            y = y * p[..., :1] + self.residual(x) * p[..., 1:]
+        return y, routing.aux

@@ -1,0 +1,289 @@
+"""Routers: which experts each token goes to, with what gate weight, and the auxiliary losses.
+
+Every router maps router inputs x [T, d] (and token ids [T], for hash routing) to a `Routing`
+holding k slots per token:
+
+    expert [T, k]  expert id of each slot
+    gate   [T, k]  weight of that expert's output (0 where the slot was dropped)
+    keep   [T, k]  False where the slot was dropped (over capacity, or not chosen)
+
+Token-choice routers (switch, gshard, topk, base, hash) fill k = 1, 2 or top_k slots; expert
+choice fills k = E slots, slot e saying whether expert e took the token. Router math runs in
+fp32 whatever the autocast dtype.
+
+Capacity: C = max(min_capacity, ceil(capacity_factor · T · k / E)). Slots claim capacity in
+slot-major order (every token's first choice before any second choice, earlier tokens first,
+as in GShard); slots past C are dropped and the residual stream carries those tokens.
+
+Losses (DESIGN.md): load balance E · Σ_e f_e · P_e with f_e the fraction of routed slots
+choosing e (before capacity) and P_e the mean router probability of e; router z-loss
+mean(logsumexp(logits)²).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from samoe.config import MoEConfig, router_top_k
+
+
+@dataclass
+class Routing:
+    expert: Tensor  # [T, k] long
+    gate: Tensor  # [T, k] fp32, zero where dropped
+    keep: Tensor  # [T, k] bool
+    probs: Tensor | None  # [T, E] fp32 router probabilities (None for hash routing)
+    aux: dict[str, Tensor] = field(default_factory=dict)  # scalar losses
+
+    def stats(self) -> dict[str, Tensor]:
+        """Detached routing statistics: dropped-token fraction and mean router entropy."""
+        with torch.no_grad():
+            out = {"dropped_frac": (~self.keep.any(dim=1)).float().mean()}
+            if self.probs is not None:
+                p = self.probs
+                out["router_entropy"] = -(p * p.clamp_min(1e-20).log()).sum(-1).mean()
+            return out
+
+
+def capacity(tokens: int, num_experts: int, k: int, capacity_factor: float, min_capacity: int) -> int:
+    """C = max(min_capacity, ceil(cf · T · k / E)), the most slots one expert takes."""
+    return max(min_capacity, math.ceil(capacity_factor * tokens * k / num_experts))
+
+
+def within_capacity(expert: Tensor, keep: Tensor, num_experts: int, cap: int) -> Tensor:
+    """keep [T, k] narrowed to the first `cap` kept slots of each expert, in slot-major order.
+
+    A slot's position in its expert's queue comes from a stable sort of the slot-major list of
+    expert ids (dropped slots sort last under the sentinel id E).
+    """
+    T, k = expert.shape
+    flat = torch.where(keep, expert, num_experts).t().reshape(-1)  # [k*T], slot-major
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=num_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.empty_like(flat)
+    pos[order] = torch.arange(flat.numel(), device=flat.device) - starts[flat[order]]
+    return keep & (pos.view(k, T).t() < cap)
+
+
+def load_balance_loss(probs: Tensor, expert: Tensor, num_experts: int) -> Tensor:
+    """E · Σ_e f_e · P_e; f_e over all chosen slots (before capacity). Equals 1 when uniform."""
+    f = torch.bincount(expert.reshape(-1), minlength=num_experts).float() / expert.numel()
+    return num_experts * (f * probs.mean(0)).sum()
+
+
+def z_loss(logits: Tensor) -> Tensor:
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+class LinearRouter(nn.Module):
+    """Shared part of the learned routers: fp32 logits x·W_rᵀ with optional input jitter."""
+
+    def __init__(self, d_model: int, num_experts: int, cfg: MoEConfig):
+        super().__init__()
+        self.num_experts = num_experts
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def logits(self, x: Tensor) -> Tensor:
+        x = x.float()
+        if self.training and self.cfg.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1 - self.cfg.jitter, 1 + self.cfg.jitter)
+        with torch.autocast(x.device.type, enabled=False):
+            return x @ self.weight.float().t()
+
+    def capacity(self, tokens: int, k: int) -> int:
+        cf = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+        return capacity(tokens, self.num_experts, k, cf, self.cfg.min_capacity)
+
+
+class TopKRouter(LinearRouter):
+    """switch (k = 1), gshard (k = 2) and topk (any k): each token picks its k best experts.
+
+    Gates are the router probabilities of the chosen experts, renormalised over the k chosen
+    when k > 1 (GShard, Mixtral). gshard's random routing keeps the second expert with
+    probability min(1, 2·g2) in training. With `aux_free_bias` a per-expert bias, used only
+    for selection, is nudged toward balance after each optimiser step (`update_bias`).
+    """
+
+    def __init__(self, d_model: int, num_experts: int, cfg: MoEConfig):
+        super().__init__(d_model, num_experts, cfg)
+        self.k = router_top_k(cfg)
+        self.register_buffer("selection_bias", torch.zeros(num_experts))
+        self.register_buffer("recent_load", torch.zeros(num_experts), persistent=False)
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        logits = self.logits(x)
+        probs = logits.softmax(dim=-1)
+        scores = probs + self.selection_bias if self.cfg.aux_free_bias else probs
+        expert = scores.topk(self.k, dim=-1).indices  # [T, k]
+        gate = probs.gather(1, expert)
+        if self.k > 1:
+            gate = gate / gate.sum(dim=-1, keepdim=True)
+        keep = torch.ones_like(expert, dtype=torch.bool)
+        if self.cfg.random_routing and self.training and self.k == 2:
+            keep[:, 1] = torch.rand(gate.shape[0], device=gate.device) < 2 * gate[:, 1]
+        if not self.cfg.dropless:
+            keep = within_capacity(expert, keep, self.num_experts, self.capacity(x.shape[0], self.k))
+        if self.training and self.cfg.aux_free_bias:
+            with torch.no_grad():
+                self.recent_load += torch.bincount(expert[keep], minlength=self.num_experts).float()
+        aux = {"load_balance": load_balance_loss(probs, expert, self.num_experts), "z_loss": z_loss(logits)}
+        return Routing(expert, gate * keep, keep, probs, aux)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """b_e += rate · sign(mean load − load_e) from the load since the last update."""
+        if self.recent_load.sum() > 0:
+            self.selection_bias += self.cfg.bias_update_rate * torch.sign(self.recent_load.mean() - self.recent_load)
+        self.recent_load.zero_()
+
+
+def balanced_assignment(scores: Tensor, eps: float | None = None, max_rounds: int = 10_000) -> Tensor:
+    """Assign each of T tokens one expert, expert e taking exactly cap_e = T//E (+1 for the
+    first T % E experts) tokens, maximising Σ_t scores[t, expert_t] (BASE layers).
+
+    An auction (Bertsekas) for "similar objects": each free token bids for its best expert at
+    its current price, raising the price by its margin over the second best plus eps; each
+    expert keeps its cap_e highest bids and its price becomes its lowest kept bid once full.
+    The result is within T·eps of the optimum. scores [T, E] -> expert ids [T].
+    """
+    T, E = scores.shape
+    scores = scores.detach().float()
+    if E == 1:
+        return torch.zeros(T, dtype=torch.long, device=scores.device)
+    if eps is None:
+        eps = 1e-4 * max(scores.std().item(), 1e-6)
+    cap = torch.full((E,), T // E, device=scores.device)
+    cap[: T % E] += 1
+    price = torch.zeros(E, device=scores.device)
+    owner = torch.full((T,), -1, dtype=torch.long, device=scores.device)
+    held_bid = torch.zeros(T, device=scores.device)
+    arange_t = torch.arange(T, device=scores.device)
+    for _ in range(max_rounds):
+        free = (owner < 0).nonzero().squeeze(1)
+        if free.numel() == 0:
+            break
+        value = scores[free] - price
+        top2 = value.topk(2, dim=1)
+        best = top2.indices[:, 0]
+        bid = price[best] + (top2.values[:, 0] - top2.values[:, 1]) + eps
+        held = (owner >= 0).nonzero().squeeze(1)
+        tok = torch.cat([held, free])
+        exp = torch.cat([owner[held], best])
+        b = torch.cat([held_bid[held], bid])
+        order = torch.argsort(-b, stable=True)
+        order = order[torch.argsort(exp[order], stable=True)]  # by expert, then highest bid
+        counts = torch.bincount(exp, minlength=E)
+        rank = torch.arange(tok.numel(), device=tok.device) - (torch.cumsum(counts, 0) - counts)[exp[order]]
+        win = order[rank < cap[exp[order]]]
+        owner.fill_(-1)
+        owner[tok[win]] = exp[win]
+        held_bid[tok[win]] = b[win]
+        full = torch.bincount(exp[win], minlength=E) == cap
+        lowest = torch.full((E,), float("inf"), device=scores.device).scatter_reduce(0, exp[win], b[win], "amin")
+        price = torch.where(full, lowest, price)
+    free = arange_t[owner < 0]
+    if free.numel():  # out of rounds: fill the remaining places in token order
+        room = cap - torch.bincount(owner[owner >= 0], minlength=E)
+        owner[free] = torch.repeat_interleave(torch.arange(E, device=scores.device), room)
+    return owner
+
+
+class BaseRouter(LinearRouter):
+    """BASE layers: balanced assignment in training (each expert exactly T/E tokens when E
+    divides T), greedy top-1 at inference; gate = sigmoid(score of the chosen expert).
+    Balanced by construction, so no load-balancing loss (reported as 0); z-loss as usual.
+    """
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        logits = self.logits(x)
+        if self.training:
+            expert = balanced_assignment(logits).unsqueeze(1)
+        else:
+            expert = logits.argmax(dim=-1, keepdim=True)
+        gate = torch.sigmoid(logits.gather(1, expert))
+        aux = {"load_balance": logits.new_zeros(()), "z_loss": z_loss(logits)}
+        return Routing(expert, gate, torch.ones_like(expert, dtype=torch.bool), logits.softmax(-1), aux)
+
+
+class HashRouter(nn.Module):
+    """Hash layers: the expert is a fixed function of the token id; gate 1; no parameters.
+
+    The table maps every vocabulary id to an expert: a seeded random balanced map
+    (randperm mod E) until `set_token_frequencies` builds the frequency-balanced one (most
+    frequent ids first, each to the currently least-loaded expert). Capacity applies unless
+    dropless, as for the other token-choice routers.
+    """
+
+    def __init__(self, vocab_size: int, num_experts: int, cfg: MoEConfig, seed: int = 0):
+        super().__init__()
+        self.num_experts = num_experts
+        self.cfg = cfg
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("table", torch.randperm(vocab_size, generator=g) % num_experts)
+
+    @torch.no_grad()
+    def set_token_frequencies(self, counts: Tensor) -> None:
+        """Greedy longest-processing-time balance of token counts [V] over the experts."""
+        counts = counts.tolist()
+        heap = [(0, e) for e in range(self.num_experts)]  # (load, expert), least loaded on top
+        table = [0] * len(counts)
+        for i in sorted(range(len(counts)), key=lambda i: (-counts[i], i)):
+            load, e = heapq.heappop(heap)
+            table[i] = e
+            heapq.heappush(heap, (load + counts[i], e))
+        self.table.copy_(torch.tensor(table))
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        if token_ids is None:
+            raise ValueError("hash routing needs the token ids")
+        expert = self.table[token_ids.reshape(-1)].unsqueeze(1)
+        keep = torch.ones_like(expert, dtype=torch.bool)
+        if not self.cfg.dropless:
+            cf = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
+            cap = capacity(expert.shape[0], self.num_experts, 1, cf, self.cfg.min_capacity)
+            keep = within_capacity(expert, keep, self.num_experts, cap)
+        zero = x.new_zeros((), dtype=torch.float32)
+        return Routing(expert, keep.float(), keep, None, {"load_balance": zero, "z_loss": zero})
+
+
+class ExpertChoiceRouter(LinearRouter):
+    """Expert choice: each expert takes its C = ceil(cf · T · k / E) highest-probability tokens
+    (probabilities softmax over experts, per token); a token may be taken by several experts or
+    by none. Balanced by construction (no load-balancing loss).
+
+    Not causal: whether a token is taken depends on the other tokens of the batch, later ones
+    included, so inference scores depend on the future. Use it for analysis, not generation.
+    The same capacity factor applies in training and evaluation.
+    """
+
+    def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
+        T = x.shape[0]
+        logits = self.logits(x)
+        probs = logits.softmax(dim=-1)
+        k = router_top_k(self.cfg)
+        cap = min(T, capacity(T, self.num_experts, k, self.cfg.capacity_factor, self.cfg.min_capacity))
+        taken = probs.t().topk(cap, dim=1).indices  # [E, C] token ids
+        keep = torch.zeros_like(probs, dtype=torch.bool)
+        keep[taken, torch.arange(self.num_experts, device=x.device).unsqueeze(1)] = True
+        expert = torch.arange(self.num_experts, device=x.device).expand(T, -1)
+        aux = {"load_balance": logits.new_zeros(()), "z_loss": z_loss(logits)}
+        return Routing(expert, probs * keep, keep, probs, aux)
+
+
+def build_router(cfg: MoEConfig, d_model: int, num_experts: int, vocab_size: int) -> nn.Module:
+    if cfg.router in ("switch", "gshard", "topk"):
+        return TopKRouter(d_model, num_experts, cfg)
+    if cfg.router == "base":
+        return BaseRouter(d_model, num_experts, cfg)
+    if cfg.router == "hash":
+        return HashRouter(vocab_size, num_experts, cfg)
+    return ExpertChoiceRouter(d_model, num_experts, cfg)
