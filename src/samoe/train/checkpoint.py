@@ -9,13 +9,19 @@ Layout under a run directory:
 A checkpoint is written into a temporary directory, renamed into place, and only then does
 `latest` (replaced atomically) point at it, so a kill during a write leaves the previous
 checkpoint loadable. Older checkpoints beyond `keep` are removed afterwards.
+
+Loading verifies both files before using either: state.pt's zip CRC-32s and the SHA-256 of
+model.safetensors that state.pt records, so flipped or missing bytes give a CheckpointError
+rather than silently wrong weights (safetensors and torch.load check neither).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 
 import torch
@@ -34,11 +40,13 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict, kee
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
+    for debris in root.glob(".step-*.tmp"):  # left by a writer that was killed
+        shutil.rmtree(debris, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it 0700
         save_model(model, str(tmp / WEIGHTS))
-        torch.save({**state, "step": step}, tmp / STATE)
+        torch.save({**state, "step": step, "weights_sha256": _sha256(tmp / WEIGHTS)}, tmp / STATE)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -66,19 +74,36 @@ def latest_checkpoint(run_dir: Path) -> Path:
 
 
 def load_checkpoint(path: Path, model: nn.Module, device: torch.device | str = "cpu") -> dict:
-    """Load weights into model (strictly: same keys and shapes) and return the state dict."""
+    """Verify the checkpoint, load weights into model (strictly: same keys and shapes) and
+    return the state dict. CheckpointError if either file is corrupt, truncated or missing."""
     path = Path(path)
     try:
+        with zipfile.ZipFile(path / STATE) as z:  # torch.load does not check the CRC-32s
+            bad = z.testzip()
+        if bad is not None:
+            raise ValueError(f"CRC-32 mismatch in {bad}")
+        state = torch.load(path / STATE, map_location=device, weights_only=True)
+    except Exception as e:  # truncated or flipped bytes, zip errors, not a torch file
+        raise CheckpointError(f"checkpoint state '{path / STATE}' is corrupt or unreadable: {first_line(e)}") from None
+    try:
+        expected = state.get("weights_sha256") if isinstance(state, dict) else None
+        if expected is not None and _sha256(path / WEIGHTS) != expected:
+            raise ValueError("SHA-256 differs from the one recorded in state.pt")
         missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False, device=str(device))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"checkpoint weights '{path / WEIGHTS}' are corrupt or unreadable: {first_line(e)}") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint '{path}' does not match the model: missing {sorted(missing)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]}")
-    try:
-        return torch.load(path / STATE, map_location=device, weights_only=True)
-    except Exception as e:  # truncated pickle, zip errors, not a torch file
-        raise CheckpointError(f"checkpoint state '{path / STATE}' is corrupt or unreadable: {first_line(e)}") from None
+    return state
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def first_line(e: Exception) -> str:
