@@ -58,7 +58,6 @@ def cmd_train(args) -> int:
         cfg = load_config(args.config, args.preset or (None if args.config else "default"), overrides)
         name = args.preset or (Path(args.config).stem if args.config else "default")
         run_dir = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    print(f"run directory: {run_dir}", file=sys.stderr)
     summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
     print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.0f}s; "
           f"val_loss {summary['val_loss']:.4f}, val_ppl {summary['val_ppl']:.2f}, val_bpb {summary['val_bpb']:.3f} "

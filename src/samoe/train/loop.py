@@ -15,6 +15,7 @@ the checkpoint, so a resumed run logs the same values as an uninterrupted one.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from contextlib import nullcontext
 from functools import partial
@@ -96,6 +97,8 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     if cfg.data.path is not None:
         cfg.data.path = str(Path(cfg.data.path).resolve())
     splits = load_splits(cfg.data, cfg.model.vocab_size, tokenizer)
+    for stream in (splits.train, splits.val):  # too little data: fail before writing anything
+        stream.num_eval_windows(cfg.model.block_size)
     cfg.model.vocab_size = splits.tokenizer.vocab_size
     if not resume:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,6 +133,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     params = count_params(model)
     evaluate_val = partial(evaluate, model, splits.val, token_bytes, micro, t.eval_tokens, autocast)
 
+    print(f"run directory: {run_dir}", file=sys.stderr)  # only now: a user error above prints one line
     model.train()
     start, wall0 = step, time.time()
     bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
