@@ -130,17 +130,18 @@ class TopKRouter(LinearRouter):
         keep = torch.ones_like(expert, dtype=torch.bool)
         if self.cfg.random_routing and self.training and self.k == 2:
             keep[:, 1] = torch.rand(gate.shape[0], device=gate.device) < 2 * gate[:, 1]
-        if not self.cfg.dropless:
-            keep = within_capacity(expert, keep, self.num_experts, self.capacity(x.shape[0], self.k))
-        if self.training and self.cfg.aux_free_bias:
+        if self.training and self.cfg.aux_free_bias:  # the load chosen, before capacity clips it
             with torch.no_grad():
                 self.recent_load += torch.bincount(expert[keep], minlength=self.num_experts).float()
+        if not self.cfg.dropless:
+            keep = within_capacity(expert, keep, self.num_experts, self.capacity(x.shape[0], self.k))
         aux = {"load_balance": load_balance_loss(probs, expert, self.num_experts), "z_loss": z_loss(logits)}
         return Routing(expert, gate * keep, keep, probs, aux)
 
     @torch.no_grad()
     def update_bias(self) -> None:
-        """b_e += rate · sign(mean load − load_e) from the load since the last update."""
+        """b_e += rate · sign(mean load − load_e) from the load since the last update (slots
+        chosen for e, before capacity: capped counts would hide how overloaded e is)."""
         if self.recent_load.sum() > 0:
             self.selection_bias += self.cfg.bias_update_rate * torch.sign(self.recent_load.mean() - self.recent_load)
         self.recent_load.zero_()
@@ -151,26 +152,40 @@ def balanced_assignment(scores: Tensor, eps: float | None = None, max_rounds: in
     first T % E experts) tokens, maximising Σ_t scores[t, expert_t] (BASE layers).
 
     An auction (Bertsekas) for "similar objects": each free token bids for its best expert at
-    its current price, raising the price by its margin over the second best plus eps; each
+    its current price, raising the price by its margin over the second best plus ε; each
     expert keeps its cap_e highest bids and its price becomes its lowest kept bid once full.
-    The result is within T·eps of the optimum. scores [T, E] -> expert ids [T].
+    ε-scaling: phases with ε shrinking 8x down to `eps`, each starting from the last phase's
+    prices; a single small ε lets near-identical tokens outbid each other by ε for
+    (score range / ε) rounds. The result is within T·eps of the optimum. [T, E] -> ids [T].
     """
     T, E = scores.shape
     scores = scores.detach().float()
+    if T < E:  # only the first T experts have a place (one each); the others take no part
+        return balanced_assignment(scores[:, :T], eps, max_rounds)
     if E == 1:
         return torch.zeros(T, dtype=torch.long, device=scores.device)
-    if eps is None:
-        eps = 1e-4 * max(scores.std().item(), 1e-6)
     cap = torch.full((E,), T // E, device=scores.device)
     cap[: T % E] += 1
+    if eps is None:
+        eps = 1e-4 * max(scores.std().item(), 1e-6)
     price = torch.zeros(E, device=scores.device)
+    step = max(eps, (scores.max() - scores.min()).item() / 4)
+    while True:
+        owner, price = _auction(scores, cap, price, step, max_rounds)
+        if step <= eps:
+            return owner
+        step = max(eps, step / 8)
+
+
+def _auction(scores: Tensor, cap: Tensor, price: Tensor, eps: float, max_rounds: int) -> tuple[Tensor, Tensor]:
+    """One auction phase from all tokens free at the given prices: (owner [T], prices [E])."""
+    T, E = scores.shape
     owner = torch.full((T,), -1, dtype=torch.long, device=scores.device)
     held_bid = torch.zeros(T, device=scores.device)
-    arange_t = torch.arange(T, device=scores.device)
     for _ in range(max_rounds):
         free = (owner < 0).nonzero().squeeze(1)
         if free.numel() == 0:
-            break
+            return owner, price
         value = scores[free] - price
         top2 = value.topk(2, dim=1)
         best = top2.indices[:, 0]
@@ -190,11 +205,11 @@ def balanced_assignment(scores: Tensor, eps: float | None = None, max_rounds: in
         full = torch.bincount(exp[win], minlength=E) == cap
         lowest = torch.full((E,), float("inf"), device=scores.device).scatter_reduce(0, exp[win], b[win], "amin")
         price = torch.where(full, lowest, price)
-    free = arange_t[owner < 0]
+    free = (owner < 0).nonzero().squeeze(1)
     if free.numel():  # out of rounds: fill the remaining places in token order
         room = cap - torch.bincount(owner[owner >= 0], minlength=E)
         owner[free] = torch.repeat_interleave(torch.arange(E, device=scores.device), room)
-    return owner
+    return owner, price
 
 
 class BaseRouter(LinearRouter):
