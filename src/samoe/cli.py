@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from samoe.config import field_paths, load_config, preset_names
+from samoe.data.cli import add_data_parser
 from samoe.errors import UserError
 
 EXIT_USER_ERROR = 2
@@ -152,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_params)
+
+    add_data_parser(sub)
     return parser
 
 

@@ -103,8 +103,11 @@ def stdlib_documents(root=None, cache=None) -> list[str]:
 
 
 def _read_text(path: Path) -> str:
-    """Strictly decoded UTF-8 text of a file (BOM dropped); DataError if binary or not UTF-8."""
-    data = path.read_bytes()
+    """Strictly decoded UTF-8 text of a file (BOM dropped); DataError if unreadable, binary or not UTF-8."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read '{path}': {e.strerror or e}") from None
     if b"\0" in data[:8192]:
         raise DataError(f"'{path}' looks binary (NUL bytes); expected UTF-8 text")
     try:
@@ -115,19 +118,28 @@ def _read_text(path: Path) -> str:
     return text.removeprefix("\ufeff")
 
 
-def _jsonl_documents(path: Path) -> list[str]:
+def _jsonl_documents(path: Path, text_field: str = "text", bad_lines: list | None = None) -> list[str]:
+    """The text_field strings of a JSONL file. A malformed line, or one without a string
+    text_field, raises DataError naming the line, unless bad_lines is a list: then
+    (path, line number) is appended to it and the line skipped."""
     docs = []
     for n, line in enumerate(_read_text(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
+            problem = None
         except json.JSONDecodeError as e:
-            raise DataError(f"'{path}' line {n}: invalid JSON ({e.msg})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"'{path}' line {n}: expected a JSON object with a string \"text\" field")
-        if record["text"].strip():
-            docs.append(record["text"])
+            problem = f"invalid JSON ({e.msg})"
+        if problem is None and (not isinstance(record, dict) or not isinstance(record.get(text_field), str)):
+            problem = f"expected a JSON object with a string \"{text_field}\" field"
+        if problem is not None:
+            if bad_lines is None:
+                raise DataError(f"'{path}' line {n}: {problem}")
+            bad_lines.append((str(path), n))
+            continue
+        if record[text_field].strip():
+            docs.append(record[text_field])
     return docs
 
 
@@ -150,16 +162,18 @@ def split_text(text: str, max_doc_chars: int = 4000) -> list[str]:
     return docs
 
 
-def _file_documents(path: Path, max_doc_chars: int) -> list[str]:
+def _file_documents(path: Path, max_doc_chars: int, text_field: str, bad_lines: list | None) -> list[str]:
     if path.suffix == ".jsonl":
-        return _jsonl_documents(path)
+        return _jsonl_documents(path, text_field, bad_lines)
     return split_text(_read_text(path), max_doc_chars)
 
 
-def read_documents(path, max_doc_chars: int = 4000) -> list[str]:
-    """Documents of a user data path: a .jsonl file (one {"text": ...} per line), a plain text
+def read_documents(path, max_doc_chars: int = 4000, text_field: str = "text",
+                   bad_lines: list | None = None) -> list[str]:
+    """Documents of a user data path: a .jsonl file (one {text_field: ...} per line), a plain text
     file (see split_text), or a directory of such files (recursive, sorted, hidden entries
-    skipped; empty files ignored). Raises DataError for anything unusable."""
+    skipped; empty files ignored). Raises DataError for anything unusable; malformed JSONL lines
+    are skipped and recorded in bad_lines when it is a list (see _jsonl_documents)."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data path '{path}' does not exist")
@@ -168,11 +182,11 @@ def read_documents(path, max_doc_chars: int = 4000) -> list[str]:
             p for p in path.rglob("*")
             if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
         )
-        docs = [d for p in files for d in _file_documents(p, max_doc_chars)]
+        docs = [d for p in files for d in _file_documents(p, max_doc_chars, text_field, bad_lines)]
         if not docs:
             raise DataError(f"data directory '{path}' contains no text files with any text")
         return docs
-    docs = _file_documents(path, max_doc_chars)
+    docs = _file_documents(path, max_doc_chars, text_field, bad_lines)
     if not docs:
         raise DataError(f"'{path}' contains no text")
     return docs

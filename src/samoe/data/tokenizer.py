@@ -37,9 +37,10 @@ class BPETokenizer:
         self.vocab_size = tk.get_vocab_size()
 
     @classmethod
-    def train(cls, docs, vocab_size: int) -> "BPETokenizer":
+    def train(cls, docs, vocab_size: int, progress: bool = False) -> "BPETokenizer":
         """Train on an iterable of documents; vocab_size counts the 256 byte tokens and eot.
-        The result may be smaller than vocab_size when the corpus runs out of merges."""
+        The result may be smaller than vocab_size when the corpus runs out of merges.
+        progress: show the tokenizers library's own progress bars."""
         if vocab_size < 258:
             raise ConfigError(f"BPE vocab_size must be at least 258 (256 bytes + eot + 1), got {vocab_size}")
         tk = Tokenizer(models.BPE())
@@ -49,7 +50,7 @@ class BPETokenizer:
             vocab_size=vocab_size,
             special_tokens=[EOT],
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
+            show_progress=progress,
         )
         tk.train_from_iterator(docs, trainer=trainer)
         return cls(tk)
@@ -105,10 +106,10 @@ class ByteTokenizer:
         write_text_atomic(path, json.dumps({"samoe_byte_tokenizer": 1}) + "\n")
 
 
-def build_tokenizer(kind: str, train_docs, vocab_size: int):
+def build_tokenizer(kind: str, train_docs, vocab_size: int, progress: bool = False):
     """A new tokenizer: "bpe" trained on train_docs to vocab_size, or "byte" (ignores both)."""
     if kind == "bpe":
-        return BPETokenizer.train(train_docs, vocab_size)
+        return BPETokenizer.train(train_docs, vocab_size, progress)
     if kind == "byte":
         return ByteTokenizer()
     raise ConfigError(f"unknown tokenizer kind {kind!r}; expected 'bpe' or 'byte'")

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from samoe.config import PoolConfig
+from samoe.moe.grouped import ExpertSource
 
 ExpertTensors = tuple[Tensor, Tensor, Tensor, Tensor]
 
@@ -46,6 +47,9 @@ class ExpertWeights(nn.Module):
 
     def forward(self) -> ExpertTensors:
         return self.w1, self.b1, self.w2, self.b2
+
+    def source(self) -> ExpertSource:
+        return ExpertSource(*self())
 
 
 def initial_coefficient_logits(cfg: PoolConfig, shape: tuple[int, ...], layer: int, n_moe_layers: int) -> Tensor:
@@ -92,10 +96,15 @@ class PoolMixture(nn.Module):
         return torch.softmax(self.coef_logits / self.temperature, dim=-1)
 
     def forward(self) -> ExpertTensors:
+        """The combined experts (W1_l, b1_l, W2_l, b2_l), materialised: for analysis and tests."""
         c = self.coefficients()
         E = self.num_experts
         spec = "k" if c.dim() == 1 else "ek"
         return tuple(torch.einsum(f"{spec},ke...->e...", c.to(p.dtype), p[:, :E]) for p in self._pool[0]())
+
+    def source(self) -> ExpertSource:
+        """The pool and c_l, for the fast path to combine one expert at a time."""
+        return ExpertSource(*(p[:, : self.num_experts] for p in self._pool[0]()), coef=self.coefficients())
 
 
 class SharedBank(nn.Module):
@@ -107,3 +116,6 @@ class SharedBank(nn.Module):
 
     def forward(self) -> ExpertTensors:
         return self._bank[0]()
+
+    def source(self) -> ExpertSource:
+        return self._bank[0].source()

@@ -2,9 +2,10 @@
 
     y[t] = Σ_{slots j kept} gate[t, j] · expert_{e[t, j]}(x[t])
 
-Dispatch sorts the kept (token, expert) pairs by expert and runs each expert once on its
-contiguous slice, then adds the gated outputs back with index_add; no [T, E, C] one-hot
-tensors. Capacity and dropless routing share this path (they differ only in `keep`).
+Dispatch sorts the kept (token, expert) pairs by expert, runs each expert once on its
+contiguous slice (moe/grouped.py), then adds the gated outputs back with index_add; no
+[T, E, C] one-hot tensors. Capacity and dropless routing share this path (they differ only
+in `keep`).
 """
 
 from __future__ import annotations
@@ -12,33 +13,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from samoe.model.ffn import FeedForward, activate
+from samoe.model.ffn import FeedForward
 from samoe.moe.experts import ExpertTensors
+from samoe.moe.grouped import ExpertSource, grouped_expert_ffn
 from samoe.moe.routers import Routing
 
 
-def dispatch(x: Tensor, routing: Routing, weights: ExpertTensors, activation: str) -> Tensor:
-    """Run the routed experts: x [T, d] -> y [T, d] (zero rows for tokens dropped everywhere)."""
-    w1, b1, w2, b2 = weights
-    num_experts = w1.shape[0]
+def dispatch(x: Tensor, routing: Routing, source: ExpertSource | ExpertTensors, activation: str) -> Tensor:
+    """Run the routed experts: x [T, d] -> y [T, d] (zero rows for tokens dropped everywhere).
+
+    `source` is an ExpertSource (a stack, or a SaMoE pool with its coefficients) or a plain
+    (W1, b1, W2, b2) stack.
+    """
+    if not isinstance(source, ExpertSource):
+        source = ExpertSource(*source)
+    num_experts = source.w1.shape[-3]
     T, k = routing.expert.shape
     token = torch.arange(T, device=x.device).unsqueeze(1).expand(T, k)[routing.keep]
     expert = routing.expert[routing.keep]
     gate = routing.gate[routing.keep]
     order = torch.argsort(expert, stable=True)
-    token, expert, gate = token[order], expert[order], gate[order]
+    token, gate = token[order], gate[order]
     counts = torch.bincount(expert, minlength=num_experts).tolist()
-    # unbind once: indexing w1[e] in the loop would make autograd build a full-size
-    # gradient for every expert.
-    w1s, b1s, w2s, b2s = (w.unbind(0) for w in weights)
-    outs = [
-        torch.addmm(b2s[e], activate(torch.addmm(b1s[e], xe, w1s[e]), activation), w2s[e])
-        for e, xe in enumerate(x[token].split(counts))
-        if counts[e]
-    ]
-    if not outs:
+    if not token.numel():
         return torch.zeros_like(x)
-    y = torch.cat(outs) * gate.unsqueeze(1).to(outs[0].dtype)
+    y = grouped_expert_ffn(x[token], counts, source, activation)
+    y = y * gate.unsqueeze(1).to(y.dtype)
     return torch.zeros(T, x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y).to(x.dtype)
 
 
@@ -63,7 +63,7 @@ class MoEFeedForward(nn.Module):
         B, S, d = x.shape
         flat = x.reshape(B * S, d)
         routing: Routing = self.router(flat, token_ids.reshape(-1))
-        y = dispatch(flat, routing, self.experts(), self.activation).view(B, S, d)
+        y = dispatch(flat, routing, self.experts.source(), self.activation).view(B, S, d)
         self.last_stats = routing.stats()
         if self.residual is not None:
             p = self.residual_coef(x).softmax(dim=-1)

@@ -1,0 +1,20 @@
+"""Worker for the peak-memory benchmark: `python -m samoe.bench.memory samoe|moe` prints
+{"peak_mib": growth of peak RSS over the RSS before the model was built}."""
+
+import json
+import sys
+
+import torch
+
+from samoe.bench.timing import peak_rss_mib
+from samoe.bench.training import MEMORY_BATCH, MEMORY_SHAPE, VARIANTS, train_step
+from samoe.config import load_config
+
+if __name__ == "__main__":
+    torch.manual_seed(0)
+    cfg = load_config(overrides=MEMORY_SHAPE + VARIANTS[sys.argv[1]])
+    base = peak_rss_mib()
+    step = train_step(cfg, MEMORY_BATCH)
+    step()
+    step()
+    print(json.dumps({"peak_mib": peak_rss_mib() - base}))

@@ -1,0 +1,42 @@
+"""Timing and peak-memory measurement for the benchmark suite.
+
+Machines here are shared and noisy, so every number is a ratio against a baseline measured
+in the same run, with the candidates interleaved repeat by repeat (noise hits both alike),
+each the median of several repeats after warm-up.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+
+def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each case, cases run round-robin so they share the noise."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for i in range(warmup + repeats):
+        for name, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_isolated(module: str, *args: str, timeout: float = 600) -> dict:
+    """Run `python -m module args...` in a fresh process (so peak RSS is its own) and return
+    the JSON object it prints on its last line."""
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{module} {' '.join(args)} failed: {out.stderr.strip().splitlines()[-1:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,52 @@
+"""Whole-model benchmarks: (d) training tokens/s of a preset as SaMoE, standard MoE and dense;
+(e) peak memory of a training step, SaMoE vs MoE (each in its own process)."""
+
+from __future__ import annotations
+
+import torch
+
+from samoe.bench.timing import interleaved_medians, run_isolated
+from samoe.config import load_config
+from samoe.model.gpt import GPT
+from samoe.train.optim import build_optimizer
+
+VARIANTS = {"samoe": ["model.moe.sharing=pool"], "moe": ["model.moe.sharing=private"],
+            "dense": ["model.moe.enabled=false"]}
+
+
+def train_step(cfg, batch_size: int | None = None):
+    """A closure running one optimiser step of a fresh model on random tokens."""
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    opt = build_optimizer(model, cfg.train)
+    B = batch_size or cfg.train.batch_size
+    idx = torch.randint(0, cfg.model.vocab_size, (B, cfg.model.block_size + 1))
+
+    def step():
+        out = model(idx[:, :-1], idx[:, 1:])
+        (out.loss + out.aux_loss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def training_throughput(preset: str, repeats: int = 5) -> dict[str, float]:
+    """Tokens per second of one training step for each variant of the preset."""
+    cfgs = {name: load_config(preset=preset, overrides=o) for name, o in VARIANTS.items()}
+    t = interleaved_medians({name: train_step(cfg) for name, cfg in cfgs.items()}, repeats)
+    tokens = cfgs["moe"].train.batch_size * cfgs["moe"].model.block_size
+    return {f"{preset}_{name}_tokens_per_s": tokens / s for name, s in t.items()}
+
+
+MEMORY_SHAPE = ["model.n_layers=12", "model.moe.every=2", "model.moe.num_experts=16", "model.moe.pool.size=2",
+                "model.d_model=256", "model.n_heads=4", "model.ffn_hidden=1024", "model.block_size=512",
+                "model.vocab_size=2048"]
+MEMORY_BATCH = 4  # sequences of 512 tokens
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak RSS growth of two training steps (so the optimiser state exists): SaMoE vs MoE."""
+    res = {name: run_isolated("samoe.bench.memory", name) for name in ("samoe", "moe")}
+    out = {f"{name}_step_peak_mib": r["peak_mib"] for name, r in res.items()}
+    out["samoe_vs_moe_peak_mem"] = res["samoe"]["peak_mib"] / res["moe"]["peak_mib"]
+    return out
