@@ -111,6 +111,17 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from samoe.bench.suite import main as bench_main
+
+    if args.repeats < 1:
+        raise UserError(f"--repeats {args.repeats} is invalid; expected an integer >= 1")
+    command = "samoe bench" + (" --quick" if args.quick else "") + (f" --repeats {args.repeats}" if args.repeats != 5 else "")
+    results = bench_main(args.quick, args.repeats, args.json, args.out, command)
+    print(open(args.out).read())
+    return 0 if results else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samoe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -155,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_params)
 
     add_data_parser(sub)
+
+    p = sub.add_parser("bench", help="MoE speed and memory benchmarks, written to docs/benchmarks.md")
+    p.add_argument("--quick", action="store_true", help="a reduced suite (T = 2048), under 2 minutes")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per case (after 2 warm-ups)")
+    p.add_argument("--json", metavar="FILE", help="also write the ratios as JSON")
+    p.add_argument("--out", default="docs/benchmarks.md", help="the Markdown report")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -36,11 +36,16 @@ def moe_model(shape: Shape, num_experts: int, sharing: str = "private", pool_siz
     return GPT(cfg.model)
 
 
-def fwd_bwd(layer, x: torch.Tensor, ids: torch.Tensor):
-    """One forward + backward of a layer (an MoE FFN taking token ids, or a dense FFN)."""
+def fwd_bwd(layer, x: torch.Tensor, ids: torch.Tensor | None, owner: torch.nn.Module | None = None):
+    """One forward + backward of a layer (an MoE FFN taking token ids, or a dense FFN);
+    `owner` holds its parameters when a pool lives outside the layer."""
+    params = list((owner or layer).parameters())
+
     def step():
         y = layer(x, ids)[0] if ids is not None else layer(x)
         y.sum().backward()
+        for p in (x, *params):  # as an optimiser step with zero_grad(set_to_none=True) leaves them
+            p.grad = None
     return step
 
 
@@ -54,9 +59,9 @@ def layer_ratios(shape: Shape, experts: tuple[int, ...] = (16, 64), pool_size: i
     cases = {"dense": fwd_bwd(FeedForward(shape.d_model, shape.hidden, shape.activation, 1), x, None)}
     for E in experts:
         keep.append(moe_model(shape, E))
-        cases[f"moe_e{E}"] = fwd_bwd(keep[-1].moe_layers()[0], x, ids)
+        cases[f"moe_e{E}"] = fwd_bwd(keep[-1].moe_layers()[0], x, ids, keep[-1])
     keep.append(moe_model(shape, experts[0], "pool", pool_size))
-    cases[f"samoe_e{experts[0]}"] = fwd_bwd(keep[-1].moe_layers()[0], x, ids)
+    cases[f"samoe_e{experts[0]}"] = fwd_bwd(keep[-1].moe_layers()[0], x, ids, keep[-1])
     t = interleaved_medians(cases, repeats)
     out = {f"time_{k}": v for k, v in t.items()}
     for E in experts:

@@ -8,6 +8,7 @@ each the median of several repeats after warm-up.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -29,14 +30,20 @@ def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int = 5
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
+    """This process's peak resident set size so far, in MiB: VmHWM, which a new program image
+    starts afresh (ru_maxrss would carry the parent's peak across fork + exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def run_isolated(module: str, *args: str, timeout: float = 600) -> dict:
     """Run `python -m module args...` in a fresh process (so peak RSS is its own) and return
     the JSON object it prints on its last line."""
-    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # big frees return memory: RSS tracks live tensors
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -104,7 +104,8 @@ class PoolMixture(nn.Module):
 
     def source(self) -> ExpertSource:
         """The pool and c_l, for the fast path to combine one expert at a time."""
-        return ExpertSource(*(p[:, : self.num_experts] for p in self._pool[0]()), coef=self.coefficients())
+        E = self.num_experts  # slice only for pyramid layers: a full slice would cost a gradient copy
+        return ExpertSource(*(p if p.shape[1] == E else p[:, :E] for p in self._pool[0]()), coef=self.coefficients())
 
 
 class SharedBank(nn.Module):

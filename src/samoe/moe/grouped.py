@@ -60,12 +60,27 @@ def _activate(h: Tensor, activation: str) -> Tensor:
     return F.gelu(h)
 
 
+def _pool_view(w: Tensor, e: int) -> Tensor:
+    """Pool slice P[:, e] flattened to [K, numel]: a view, no copy."""
+    return w[:, e].reshape(w.shape[0], -1)
+
+
+def _combine(c: Tensor, w: Tensor, e: int) -> Tensor:
+    """Σ_k c[k] · P[k, e] for a pool tensor P = w [K, E, ...] (elementwise: memory-bound work
+    is all there is, and a mul + fused multiply-adds stream it once)."""
+    c = c.to(w.dtype)
+    out = w[0, e] * c[0]
+    for k in range(1, w.shape[0]):
+        out.addcmul_(w[k, e], c[k])
+    return out
+
+
 def _expert_weights(weights: tuple[Tensor, ...], coef: Tensor | None, e: int, dtype: torch.dtype):
     """(W1, b1, W2, b2) of expert e in the compute dtype, combined from the pool if coef is given."""
     if coef is None:
         return tuple(w[e].to(dtype) for w in weights)
     c = coef if coef.dim() == 1 else coef[e]
-    return tuple(torch.tensordot(c.to(w.dtype), w[:, e], dims=1).to(dtype) for w in weights)
+    return tuple(_combine(c, w, e).to(dtype) for w in weights)
 
 
 class GroupedExpertFFN(torch.autograd.Function):
@@ -97,12 +112,14 @@ class GroupedExpertFFN(torch.autograd.Function):
         dtype = xc.dtype
         gy = gy.to(dtype)
         gx = torch.empty_like(xc)  # every row belongs to some expert
-        grads = [torch.zeros_like(w) for w in weights]  # same shapes as given: stack or pool
+        grads = [torch.empty_like(w) for w in weights]  # same shapes as given: stack or pool
         gcoef = torch.zeros_like(coef) if coef is not None else None
         with torch.autocast(xc.device.type, enabled=False):
             start = 0
             for e, n in enumerate(ctx.counts):
-                if not n:
+                if not n:  # an expert without tokens gets zero gradients
+                    for g in grads:
+                        (g[e] if coef is None else g[:, e]).zero_()
                     continue
                 rows = slice(start, start + n)
                 start += n
@@ -121,10 +138,11 @@ class GroupedExpertFFN(torch.autograd.Function):
                     if coef is None:
                         g[e] = ge
                         continue
-                    c = coef if coef.dim() == 1 else coef[e]
-                    ge = ge.to(w.dtype)
-                    g[:, e] = c.to(w.dtype).view(-1, *[1] * ge.dim()) * ge
-                    gc = (w[:, e] * ge).flatten(1).sum(1).to(coef.dtype)  # [K]
+                    ge = ge.to(w.dtype).reshape(-1)
+                    c = (coef if coef.dim() == 1 else coef[e]).to(w.dtype)
+                    for k in range(c.shape[0]):  # ∂L/∂P[k, e] = c_e[k] · ∂L/∂W[e]
+                        torch.mul(ge, c[k], out=g[k, e].view(-1))
+                    gc = (_pool_view(w, e) @ ge).to(coef.dtype)  # ∂L/∂c_e[k] = <P[k, e], ∂L/∂W[e]>
                     if coef.dim() == 1:
                         gcoef += gc
                     else:
