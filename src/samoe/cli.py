@@ -111,6 +111,29 @@ def cmd_params(args) -> int:
     return 0
 
 
+def cmd_flops(args) -> int:
+    from samoe.analysis.flops import flops_report, format_report, load_target
+
+    report = flops_report(load_target(args.target, args.overrides), args.tokens, args.batch_tokens)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+def cmd_match_dense(args) -> int:
+    from samoe.analysis.flops import flops_report, load_target, write_matched
+    from samoe.analysis.params import count_config_params
+
+    cfg = load_target(args.target, args.overrides)
+    name = Path(args.target.rstrip("/\\")).stem or "config"
+    paths = write_matched(cfg, name, args.out)
+    for label, c in [("moe", cfg), *((k, load_config(p)) for k, p in paths.items())]:
+        where = f"  {paths[label]}" if label in paths else ""
+        print(f"{label:<7} ffn_hidden {c.model.ffn_hidden or 4 * c.model.d_model:>8}  "
+              f"train FLOPs/token {flops_report(c)['train_flops_per_token']:>16,.0f}  "
+              f"params {count_config_params(c.model)['total']:>16,}{where}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from samoe.bench.suite import main as bench_main
 
@@ -164,6 +187,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_params)
+
+    p = sub.add_parser("flops", help="FLOPs per token by component, training FLOPs, PF-days, all-to-all bytes")
+    p.add_argument("target", help=f"a preset ({', '.join(preset_names())}), a config YAML file or a run directory")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+    p.add_argument("--tokens", type=int, help="training tokens (default: max_steps x batch_size x block_size)")
+    p.add_argument("--batch-tokens", type=int,
+                   help="tokens per forward pass, over which SaMoE's pool combination is amortised "
+                        "(default: micro-batch x block_size)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_flops)
+
+    p = sub.add_parser("match-dense", help="write dense configs matching an MoE's training FLOPs and its parameters")
+    p.add_argument("target", help="a preset, a config YAML file or a run directory (an MoE config)")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+    p.add_argument("--out", default=".", help="directory for NAME-dense-flops.yaml and NAME-dense-params.yaml")
+    p.set_defaults(func=cmd_match_dense)
 
     add_data_parser(sub)
 

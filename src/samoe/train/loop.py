@@ -4,7 +4,8 @@
     run_dir/tokenizer.json     the tokenizer trained on the training split
     run_dir/metrics.jsonl      one JSON object per logged step (val_* on evaluation steps)
     run_dir/checkpoints/       see train/checkpoint.py
-    run_dir/summary.json       parameter counts, tokens, wall time, final validation metrics
+    run_dir/summary.json       parameter counts, tokens, training FLOPs and PF-days, wall time, final
+                               validation metrics
 
 One optimiser step consumes `train.batch_size` sequences of `model.block_size` tokens (the
 global batch), split into micro-batches of `train.micro_batch_size` for gradient accumulation.
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from samoe.analysis.flops import run_summary_flops
 from samoe.analysis.params import count_params
 from samoe.config import Config, load_config, save_config
 from samoe.data.prepare import load_splits
@@ -181,6 +183,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         "params": params,
         "steps": step,
         "tokens": step * tokens_per_step,
+        **run_summary_flops(cfg, step * tokens_per_step),  # train_flops_per_token, train_flops, pf_days
         "wall_s": round(time.time() - wall0, 3),
         "steps_this_session": step - start,
         **{k: last_val[k] for k in ("val_loss", "val_ppl", "val_bpb", "unigram_ppl", "val_tokens")},
