@@ -1,4 +1,4 @@
-"""The `samoe` command: train, eval, generate, params.
+"""The `samoe` command: train, eval, generate, params, flops, match-dense, data, bench.
 
 Config values come from defaults <- --preset <- --config FILE <- `key.path=value` overrides
 (e.g. `model.moe.num_experts=8 train.max_steps=200`). User errors print one line and exit 2.
@@ -98,32 +98,41 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _load_target(target: str, overrides: list[str]):
+    """A preset name, a config YAML file or a run directory (its config.yaml) -> Config."""
+    path = Path(target)
+    if path.is_dir():
+        from samoe.train.loop import load_run_config
+
+        return load_run_config(path, overrides)
+    if path.is_file() or target.endswith((".yaml", ".yml")):
+        return load_config(path, overrides=overrides)
+    if "/" in target or "\\" in target:
+        raise UserError(f"'{target}' does not exist; expected a preset, a config YAML file or a run directory")
+    return load_config(preset=target, overrides=overrides)
+
+
 def cmd_params(args) -> int:
     from samoe.analysis.params import count_config_params, format_params
 
-    target = args.target
-    if target.endswith((".yaml", ".yml")) or Path(target).is_file():
-        cfg = load_config(target, overrides=args.overrides)
-    else:
-        cfg = load_config(preset=target, overrides=args.overrides)
-    counts = count_config_params(cfg.model)
+    counts = count_config_params(_load_target(args.target, args.overrides).model)
     print(json.dumps(counts) if args.json else format_params(counts))
     return 0
 
 
 def cmd_flops(args) -> int:
-    from samoe.analysis.flops import flops_report, format_report, load_target
+    from samoe.analysis.flops import flops_report, format_report
 
-    report = flops_report(load_target(args.target, args.overrides), args.tokens, args.batch_tokens)
+    report = flops_report(_load_target(args.target, args.overrides), args.tokens, args.batch_tokens)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
 
 def cmd_match_dense(args) -> int:
-    from samoe.analysis.flops import flops_report, load_target, write_matched
+    from samoe.analysis.flops import flops_report, write_matched
     from samoe.analysis.params import count_config_params
 
-    cfg = load_target(args.target, args.overrides)
+    cfg = _load_target(args.target, args.overrides)
     name = Path(args.target.rstrip("/\\")).stem or "config"
     paths = write_matched(cfg, name, args.out)
     for label, c in [("moe", cfg), *((k, load_config(p)) for k, p in paths.items())]:
@@ -183,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("params", help="parameter counts (total, active per token, by component)")
-    p.add_argument("target", help=f"a preset ({', '.join(preset_names())}) or a config YAML file")
+    p.add_argument("target", help=f"a preset ({', '.join(preset_names())}), a config YAML file or a run directory")
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_params)

@@ -35,7 +35,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from samoe.config import (Config, ModelConfig, expert_hidden, experts_per_layer, ffn_hidden, load_config,
+from samoe.config import (Config, ModelConfig, expert_hidden, experts_per_layer, ffn_hidden,
                           moe_layer_ids, router_top_k, save_config)
 from samoe.errors import ConfigError
 
@@ -164,20 +164,6 @@ def format_report(r: dict) -> str:
 
 
 # --------------------------------------------------------------------------- targets
-
-
-def load_target(target: str, overrides: list[str] = ()) -> Config:
-    """A preset name, a config YAML file or a run directory (its config.yaml) -> Config."""
-    path = Path(target)
-    if path.is_dir():
-        from samoe.train.loop import load_run_config
-
-        return load_run_config(path, overrides)
-    if path.is_file() or target.endswith((".yaml", ".yml")):
-        return load_config(path, overrides=overrides)
-    if "/" in target or "\\" in target:
-        raise ConfigError(f"'{target}' does not exist; expected a preset, a config YAML file or a run directory")
-    return load_config(preset=target, overrides=overrides)
 
 
 # --------------------------------------------------------------------------- matched dense configs
