@@ -9,6 +9,7 @@ several repeats after warm-up); the seconds beside them only say what was compar
     (d) training tokens/s of the tiny and default presets: SaMoE vs MoE vs dense
     (e) peak memory of a training step, SaMoE vs MoE (12 layers, MoE every other, E = 16, K = 2)
     (f) how (a) and (b) change with T and E
+    (g) data: near-dedup and tokenisation throughput; training memory as the dataset grows
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from samoe.bench.data import dedup_throughput, tokenize_throughput, training_rss
 from samoe.bench.layers import Shape, layer_ratios, scaling_table
 from samoe.bench.timing import run_isolated
 from samoe.bench.training import MEMORY_BATCHES, peak_memory, training_throughput
@@ -46,6 +48,9 @@ def run_suite(quick: bool, repeats: int) -> dict:
         ("(f) scaling", lambda: {"scaling": scaling_table(
             shape.d_model, shape.hidden, (1024, 4096) if quick else (2048, 8192, 32768),
             (4, 16) if quick else (4, 16, 64), max(3, repeats // 2))}),
+        ("(g) data", lambda: {**dedup_throughput(20_000 if quick else 100_000),
+                              **tokenize_throughput(4_000 if quick else 20_000),
+                              **({} if quick else training_rss())}),
     ]
     results: dict = {"machine": machine(), "quick": quick, "tokens": shape.tokens, "repeats": repeats}
     for name, fn in tqdm(steps, desc="bench", unit="part"):
@@ -88,6 +93,22 @@ def markdown(r: dict, command: str) -> str:
     for row in r.get("scaling", []):
         lines.append(f"| {row['tokens']} | {row['experts']} | {row['dense_ms']:.1f} | {row['moe_vs_dense']:.2f}x | "
                      f"{row['samoe_vs_moe']:.2f}x |")
+    if "near_dedup_docs_per_s" in r:
+        lines += ["", "(g) Data pipeline:", "",
+                  f"- de-duplication of {r['dedup_docs']:,} documents of 40 words (10% planted near copies): "
+                  f"near (MinHash LSH) {r['near_dedup_docs_per_s']:,.0f} docs/s = "
+                  f"{r['near_dedup_docs_per_s'] / r['exact_dedup_docs_per_s']:.3f}x exact dedup "
+                  f"({r['exact_dedup_docs_per_s']:,.0f} docs/s); removed {r['near_dedup_removed']:,} of "
+                  f"{r['near_dedup_planted']:,} planted",
+                  f"- tokenisation of {r['tokenize_docs']:,} documents of 200 words: BPE-2048 "
+                  f"{r['bpe2048_tokens_per_s']:,.0f} tokens/s = "
+                  f"{r['bpe2048_tokens_per_s'] / r['byte_tokens_per_s']:.3f}x the byte tokenizer "
+                  f"({r['byte_tokens_per_s']:,.0f} tokens/s)"]
+    if "rss_prepared_x1_mib" in r:
+        lines.append("- peak RSS of 30 tiny training steps, prepared (memory-mapped) dataset vs the same text read "
+                     "into memory: " + "; ".join(
+                         f"{r[f'text_x{s}_mb']:.1f} MB of text: {r[f'rss_prepared_x{s}_mib']} MiB vs "
+                         f"{r[f'rss_text_x{s}_mib']} MiB" for s in (1, 10)))
     return "\n".join(lines) + "\n"
 
 
