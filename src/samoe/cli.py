@@ -75,7 +75,10 @@ def cmd_eval(args) -> int:
     stream = load_eval_stream(args.data, tok) if args.data else load_splits(cfg.data, cfg.model.vocab_size, tok).val
     batch = cfg.train.micro_batch_size or cfg.train.batch_size
     device = next(model.parameters()).device
-    result = evaluate(model, stream, tok.token_bytes(), batch, args.max_tokens, autocast_for(cfg, device))
+    max_tokens = cfg.train.eval_tokens if args.max_tokens is None else (args.max_tokens or None)
+    if max_tokens is not None and max_tokens < 0:
+        raise UserError(f"--max-tokens {args.max_tokens} is invalid; expected an integer >= 0 (0 = all)")
+    result = evaluate(model, stream, tok.token_bytes(), batch, max_tokens, autocast_for(cfg, device))
     if args.json:
         print(json.dumps(result))
     else:
@@ -176,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss, perplexity and bits per byte of a run")
     p.add_argument("run_dir")
     p.add_argument("--data", help="evaluate on all documents of this path instead of the run's validation split")
-    p.add_argument("--max-tokens", type=int, help="score at most this many tokens")
+    p.add_argument("--max-tokens", type=int, help="score at most this many tokens (default: the run's "
+                   "train.eval_tokens, as training's evaluations did; 0 = all)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_eval)
