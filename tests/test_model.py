@@ -229,3 +229,40 @@ def test_hash_routing_follows_the_token_id_in_every_layer(frequencies):
         if counts is not None:
             load = torch.zeros(4, dtype=torch.long).index_add_(0, r.table, counts)
             assert load.max() - load.min() <= counts.max()
+
+
+def test_one_expert_dropless_moe_is_the_dense_model():
+    """E = 1, top-1, dropless: every gate is softmax over one expert = 1, so the MoE model with the
+    dense model's FFN weights copied into its expert computes the same loss and gradients."""
+    moe_cfg = load_config(preset="tiny", overrides=["model.moe.num_experts=1", "model.moe.dropless=true",
+                                                    "model.moe.sharing=private"])
+    dense_cfg = load_config(preset="tiny", overrides=["model.moe.enabled=false"])
+    torch.manual_seed(0)
+    dense = GPT(dense_cfg.model)
+    moe = GPT(moe_cfg.model)
+    state = {}
+    for name, value in dense.state_dict().items():
+        if ".ffn.fc1.weight" in name:
+            state[name.replace("fc1.weight", "experts.w1")] = value.t().unsqueeze(0)
+        elif ".ffn.fc1.bias" in name:
+            state[name.replace("fc1.bias", "experts.b1")] = value.unsqueeze(0)
+        elif ".ffn.fc2.weight" in name:
+            state[name.replace("fc2.weight", "experts.w2")] = value.t().unsqueeze(0)
+        elif ".ffn.fc2.bias" in name:
+            state[name.replace("fc2.bias", "experts.b2")] = value.unsqueeze(0)
+        else:
+            state[name] = value
+    for name, value in moe.state_dict().items():
+        state.setdefault(name, value)  # the routers (irrelevant with one expert)
+    moe.load_state_dict(state)
+    idx = torch.randint(0, dense_cfg.model.vocab_size, (2, 32))
+    out_d, out_m = dense(idx, idx), moe(idx, idx)
+    torch.testing.assert_close(out_m.loss, out_d.loss)
+    out_d.loss.backward()
+    out_m.loss.backward()
+    grads_m = dict(moe.named_parameters())
+    for name, p in dense.named_parameters():
+        if ".ffn.fc1.weight" in name:
+            torch.testing.assert_close(grads_m[name.replace("fc1.weight", "experts.w1")].grad[0], p.grad.t())
+        elif ".ffn." not in name:
+            torch.testing.assert_close(grads_m[name].grad, p.grad, msg=name)
