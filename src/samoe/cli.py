@@ -146,6 +146,38 @@ def cmd_match_dense(args) -> int:
     return 0
 
 
+def cmd_analyze_gradflow(args) -> int:
+    from samoe.analysis import gradflow
+
+    routers = gradflow.parse_list(args.routers, "--routers")
+    experts = gradflow.parse_list(args.experts, "--experts", int)
+    sharings = gradflow.parse_list(args.sharing, "--sharing")
+    gradflow.check_grid(routers, experts, sharings)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    overrides = list(args.overrides) + ([f"data.path={json.dumps(args.data)}"] if args.data else [])
+    cfg = gradflow.base_config(args.config, args.preset, overrides, args.steps)
+    t0 = time.time()
+    grid = gradflow.run_grid(cfg, args.out, routers, experts, sharings, args.measure, progress=not args.quiet,
+                             log=lambda m: print(m, file=sys.stderr))
+    print(gradflow.format_table(grid))
+    print(f"{len(grid['cells'])} cells in {time.time() - t0:.0f}s; results in {args.out}/gradflow.json, "
+          f"plots in {args.out}/gradflow*.png")
+    return 0
+
+
+def cmd_analyze_experts(args) -> int:
+    from samoe.analysis.experts import analyze_experts
+
+    out = args.out or str(Path(args.run_dir) / "analysis")
+    report = analyze_experts(args.run_dir, out, args.max_tokens, args.device or "auto")
+    print(f"{len(report['layers'])} MoE layers, {report['tokens']:,} validation tokens; "
+          f"results in {out}/experts.json, plots in {out}/experts-*.png")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from samoe.bench.suite import main as bench_main
 
@@ -218,6 +250,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_match_dense)
 
     add_data_parser(sub)
+
+    p = sub.add_parser("analyze", help="gradient flow across routers and expert counts; a run's experts")
+    analyze = p.add_subparsers(dest="analysis", required=True)
+    p = analyze.add_parser("gradflow", help="per-expert gradient statistics over a grid of routers x E x sharing",
+                           description="Train a short run per grid cell and record, per expert, the gradient norm "
+                                       "per parameter, tokens per step, dead experts, gradient SNR across "
+                                       "micro-batches and router entropy (docs/analysis.md). Resumable: finished "
+                                       "cells are kept in OUT/cells/ and skipped.",
+                           epilog=_overrides_help(), formatter_class=fmt)
+    _config_args(p)
+    p.add_argument("--data", help="training data (default: the built-in stdlib docs corpus)")
+    p.add_argument("--routers", default="switch,gshard,base,hash", help="comma-separated routers")
+    p.add_argument("--experts", default="4,8,16,32,64", help="comma-separated expert counts E")
+    p.add_argument("--sharing", default="private,pool", help="comma-separated sharing strategies")
+    p.add_argument("--steps", type=int, help="training steps per cell (default: the preset's train.max_steps)")
+    p.add_argument("--measure", type=float, default=0.5, help="fraction of the steps, at the end, that are measured")
+    p.add_argument("--out", default="runs/gradflow", help="output directory (cells/, gradflow.json, PNGs)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadiest on a busy 2-core machine)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_analyze_gradflow)
+    p = analyze.add_parser("experts", help="a run's per-layer expert load, expert similarity and SaMoE coefficients")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/analysis)")
+    p.add_argument("--max-tokens", type=int, default=65536, help="validation tokens to route (default 65536)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.set_defaults(func=cmd_analyze_experts)
 
     p = sub.add_parser("bench", help="MoE speed and memory benchmarks, written to docs/benchmarks.md")
     p.add_argument("--quick", action="store_true", help="a reduced suite (T = 2048), under 2 minutes")

@@ -47,7 +47,7 @@ def run_suite(quick: bool, repeats: int) -> dict:
         ("(e) memory", peak_memory),
         ("(f) scaling", lambda: {"scaling": scaling_table(
             shape.d_model, shape.hidden, (1024, 4096) if quick else (2048, 8192, 32768),
-            (4, 16) if quick else (4, 16, 64), max(3, repeats // 2))}),
+            (4, 16) if quick else (4, 16, 64), repeats)}),
         ("(g) data", lambda: {**dedup_throughput(20_000 if quick else 100_000),
                               **tokenize_throughput(4_000 if quick else 20_000),
                               **({} if quick else training_rss())}),
