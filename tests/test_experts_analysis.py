@@ -62,6 +62,10 @@ def test_experts_report_and_plots(runs, kind, tmp_path):
             assert c.shape == (E, 2) and np.allclose(c.sum(1), 1, atol=1e-4)
         else:
             assert "coefficients" not in layer
+    cross = np.array(report["cross_layer_similarity"])
+    assert cross.shape == (2, 2) and np.allclose(np.diag(cross), 1, atol=1e-4)
+    assert ("pool_entry_similarity" in report) == (kind == "pool")
+    assert "same expert slot across layers" in stdout
     assert (out / "experts-load.png").exists() and (out / "experts-similarity.png").exists()
     assert (out / "experts-coefficients.png").exists() == (kind == "pool")
 

@@ -7,7 +7,6 @@ import io
 import json
 import math
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -159,4 +158,10 @@ def test_a_cell_with_an_invalid_config_fails_before_training(tmp_path):
     # gshard needs two experts: the grid is checked whole before any cell runs
     result = _run("analyze", "gradflow", "--routers", "gshard", "--experts", "1", "--out", tmp_path / "g", "--quiet")
     _assert_one_line_error(result, "gshard-E1-")
+    assert not (tmp_path / "g").exists()
+
+
+def test_one_micro_batch_per_step_is_refused(tmp_path):
+    result = _run("analyze", "gradflow", "--preset", "tiny", "--out", tmp_path / "g", "--quiet")  # tiny: 1 micro-batch
+    _assert_one_line_error(result, "train.micro_batch_size")
     assert not (tmp_path / "g").exists()

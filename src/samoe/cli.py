@@ -1,4 +1,4 @@
-"""The `samoe` command: train, eval, generate, params, flops, match-dense, data, bench.
+"""The `samoe` command: train, eval, generate, params, flops, match-dense, analyze, data, bench.
 
 Config values come from defaults <- --preset <- --config FILE <- `key.path=value` overrides
 (e.g. `model.moe.num_experts=8 train.max_steps=200`). User errors print one line and exit 2.
@@ -173,6 +173,20 @@ def cmd_analyze_experts(args) -> int:
 
     out = args.out or str(Path(args.run_dir) / "analysis")
     report = analyze_experts(args.run_dir, out, args.max_tokens, args.device or "auto")
+    for layer in report["layers"]:
+        counts = layer["tokens_per_expert"]
+        coef = layer.get("coefficients")
+        print(f"MoE layer {layer['layer']}: tokens per expert {counts}, dropped {100 * layer['dropped_frac']:.1f}%, "
+              f"mean off-diagonal cosine {layer['mean_offdiag_similarity'] or 0:.3f}"
+              + (f", coefficients {[round(c, 3) for c in coef]}" if coef and not isinstance(coef[0], list) else ""))
+    cross = [v for i, row in enumerate(report["cross_layer_similarity"]) for j, v in enumerate(row) if i < j and v is not None]
+    if cross:
+        print(f"same expert slot across layers: cosine {min(cross):.3f} to {max(cross):.3f}")
+    if "pool_entry_similarity" in report:
+        sim = report["pool_entry_similarity"]
+        off = [v for i, row in enumerate(sim) for j, v in enumerate(row) if i < j]
+        if off:
+            print(f"pool entries P[k, e] vs P[k', e]: mean cosine {sum(off) / len(off):.3f}")
     print(f"{len(report['layers'])} MoE layers, {report['tokens']:,} validation tokens; "
           f"results in {out}/experts.json, plots in {out}/experts-*.png")
     return 0

@@ -11,7 +11,9 @@ BASE routes greedily):
   weights, each expert flattened to one vector (W1[e], b1[e], W2[e], b2[e]). For SaMoE these
   are the combined experts W_l[e] = Σ_k c_l[e,k]·P[k,e] that `PoolMixture.forward()`
   materialises; for private experts the layer's own; for a shared bank, the bank. The JSON
-  also gives the mean off-diagonal similarity per layer;
+  also gives the mean off-diagonal similarity per layer, and `cross_layer_similarity`
+  [L_moe, L_moe]: the mean over slots e of cos(expert e of layer l, expert e of layer l');
+  for SaMoE also `pool_entry_similarity` [K, K]: the mean over e of cos(P[k, e], P[k', e]);
 - **coefficients** (sharing = pool): each layer's c_l = softmax(a_l / τ), [K] per layer
   (granularity "layer") or [E, K] per layer (granularity "expert").
 
@@ -75,7 +77,30 @@ def expert_report(model, stream, batch_size: int, max_tokens: int | None) -> dic
         if isinstance(layer.experts, PoolMixture):
             entry["coefficients"] = layer.experts.coefficients().detach().cpu().numpy().round(5).tolist()
         out_layers.append(entry)
-    return {"tokens": tokens, "layers": out_layers}
+    report = {"tokens": tokens, "layers": out_layers, "cross_layer_similarity": cross_layer_similarity(layers)}
+    if getattr(model, "expert_pool", None) is not None:
+        report["pool_entry_similarity"] = pool_entry_similarity(model.expert_pool)
+    return report
+
+
+@torch.no_grad()
+def pool_entry_similarity(pool) -> list[list[float]]:
+    """[K, K]: mean over experts e of cos(P[k, e], P[k', e]) for SaMoE's pool entries."""
+    f = torch.cat([t.detach().float().reshape(t.shape[0], t.shape[1], -1) for t in pool()], dim=2)  # [K, E, P]
+    f = f / f.norm(dim=2, keepdim=True).clamp_min(1e-12)
+    return torch.einsum("aep,bep->ab", f, f).div(f.shape[1]).tolist()
+
+
+@torch.no_grad()
+def cross_layer_similarity(layers) -> list[list[float | None]]:
+    """[L_moe, L_moe]: mean over expert slots e of cos(expert e of layer l, expert e of layer l')
+    (None where the layers' expert counts differ). High for SaMoE layers mixing the same pool."""
+    flats = []
+    for layer in layers:
+        w = layer.experts()
+        f = torch.cat([t.detach().float().reshape(t.shape[0], -1) for t in w], dim=1)
+        flats.append(f / f.norm(dim=1, keepdim=True).clamp_min(1e-12))
+    return [[float((a * b).sum(1).mean()) if a.shape == b.shape else None for b in flats] for a in flats]
 
 
 def _grid(n: int) -> tuple[int, int]:

@@ -240,6 +240,8 @@ def cell_name(router: str, num_experts: int, sharing: str) -> str:
 def cell_config(base: Config, router: str, num_experts: int, sharing: str) -> Config:
     d = to_dict(base)
     d["model"]["moe"].update(router=router, num_experts=num_experts, sharing=sharing, experts_per_layer=None)
+    if sharing == "shared":  # the bank's size M is the E of every layer
+        d["model"]["moe"]["shared_experts"] = num_experts
     from samoe.config import from_dict
 
     try:
@@ -425,6 +427,13 @@ def run_grid(base: Config, out: str | Path, routers: list[str], experts: list[in
     check_grid(routers, experts, sharings)
     if not 0 < measure <= 1:
         raise UserError(f"--measure {measure} is invalid; expected a fraction in (0, 1]")
+    micro = base.train.micro_batch_size or base.train.batch_size
+    if base.train.batch_size // micro < 2:
+        raise ConfigError("analyze gradflow needs at least 2 micro-batches per step for the SNR: "
+                          f"train.micro_batch_size ({micro}) must be at most half of train.batch_size "
+                          f"({base.train.batch_size})")
+    if not base.model.moe.enabled:
+        raise ConfigError("model.moe.enabled = false: the grid's model has no MoE layers to analyse")
     out = Path(out)
     cells_dir = out / "cells"
     cells = [(r, e, s) for r in routers for e in experts for s in sharings]
@@ -559,7 +568,7 @@ def plot_grid(grid: dict, out: str | Path) -> list[Path]:
         paths.append(out / f"gradflow-{stat}.png")
         _save_png(fig, paths[-1])
         plt.close(fig)
-    fig, axes = plt.subplots(3, 3, figsize=(14, 10.5), dpi=70)
+    fig, axes = plt.subplots(3, 3, figsize=(14, 10.5), dpi=64)
     for ax, stat in zip(axes.flat, STATS):
         _draw_stat(ax, grid, stat)
     handles, labels = axes.flat[0].get_legend_handles_labels()
