@@ -23,8 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from samoe.model.ffn import activate
 
 
 @dataclass
@@ -51,13 +52,6 @@ def activation_backward(grad: Tensor, h: Tensor, activation: str) -> Tensor:
         silu = gate * sig
         return torch.cat([grad * up * sig * (1 + gate * (1 - sig)), grad * silu], dim=-1)
     return torch.ops.aten.gelu_backward(grad, h)
-
-
-def _activate(h: Tensor, activation: str) -> Tensor:
-    if activation == "swiglu":
-        gate, up = h.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return F.gelu(h)
 
 
 def _pool_view(w: Tensor, e: int) -> Tensor:
@@ -99,7 +93,7 @@ class GroupedExpertFFN(torch.autograd.Function):
                     W1, B1, W2, B2 = _expert_weights(weights, coef, e, dtype)
                     rows = slice(start, start + n)
                     torch.addmm(B1, xc[rows], W1, out=h[rows])
-                    torch.addmm(B2, _activate(h[rows], activation), W2, out=y[rows])
+                    torch.addmm(B2, activate(h[rows], activation), W2, out=y[rows])
                     start += n
         ctx.save_for_backward(xc, h, coef, w1, b1, w2, b2)
         ctx.counts, ctx.activation, ctx.x_dtype = counts, activation, x.dtype
@@ -124,7 +118,7 @@ class GroupedExpertFFN(torch.autograd.Function):
                 rows = slice(start, start + n)
                 start += n
                 W1, _, W2, _ = _expert_weights(weights, coef, e, dtype)
-                a = _activate(h[rows], ctx.activation)
+                a = activate(h[rows], ctx.activation)
                 gh = activation_backward(gy[rows] @ W2.t(), h[rows], ctx.activation)
                 torch.mm(gh, W1.t(), out=gx[rows])
                 if coef is None and grads[0].dtype == dtype:  # straight into the gradient stacks
