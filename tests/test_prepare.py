@@ -2,8 +2,8 @@
 
 import gzip
 import json
+import os
 import random
-import shutil
 
 import numpy as np
 import pytest
@@ -197,12 +197,27 @@ def test_gcide_one_document_per_entry(tmp_path, monkeypatch):
     assert debian.gcide_documents() == ['Apple \\Ap"ple\\, n.\n   A fruit.', "Bee \\Bee\\, n.\n   An insect."]
 
 
-@pytest.mark.skipif(not debian.BIBLE_DATA.is_file() or not shutil.which("bible"),
-                    reason="bible-kjv not installed")
-def test_bible_recipe_has_one_document_per_chapter():
-    docs = debian.bible_documents()
-    assert len(docs) == 1189
-    assert docs[0].startswith("In the beginning God created the heaven and the earth.\n")
+FAKE_BIBLE = """#!/bin/sh
+printf 'Ge1:1 In the beginning God created the heaven and the earth.\\n'
+printf 'Ge1:2 And the earth was without form, and void.\\n'
+printf 'Ge2:1 Thus the heavens and the earth were finished.\\n'
+printf 'Re22:21 The grace of our Lord Jesus Christ be with you all. Amen.\\n'
+"""
+
+
+def test_bible_recipe_has_one_document_per_chapter(tmp_path, monkeypatch):
+    """`bible -f` output (faked on PATH, in the real format) grouped by book and chapter."""
+    exe = tmp_path / "bin" / "bible"
+    exe.parent.mkdir()
+    exe.write_text(FAKE_BIBLE)
+    exe.chmod(0o755)
+    (tmp_path / "bible.data").write_bytes(b"x")
+    monkeypatch.setenv("PATH", f"{exe.parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(debian, "BIBLE_DATA", tmp_path / "bible.data")
+    assert debian.bible_documents() == [
+        "In the beginning God created the heaven and the earth.\nAnd the earth was without form, and void.",
+        "Thus the heavens and the earth were finished.",
+        "The grace of our Lord Jesus Christ be with you all. Amen."]
 
 
 # ----------------------------------------------------------------------------- user errors (acceptance 6)
