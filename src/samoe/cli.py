@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ def _cli_overrides(args) -> list[str]:
     """The everyday flags as overrides, after the positional ones."""
     out = list(args.overrides)
     for flag, key in [("max_steps", "train.max_steps"), ("seed", "train.seed"), ("device", "train.device"),
-                      ("data", "data.path")]:
+                      ("ep", "train.ep"), ("data", "data.path")]:
         value = getattr(args, flag, None)
         if value is not None:
             out.append(f"{key}={json.dumps(value)}")
@@ -51,18 +52,51 @@ def cmd_train(args) -> int:
             raise UserError("--resume needs the run directory: samoe train --resume --out RUN_DIR")
         if args.config or args.preset:
             raise UserError("--resume continues a run with its saved config; drop --config/--preset")
-        changed = [o.split("=")[0] for o in overrides if o.split("=")[0] not in ("train.max_steps", "train.device")]
+        resumable = ("train.max_steps", "train.device", "train.ep")
+        changed = [o.split("=")[0] for o in overrides if o.split("=")[0] not in resumable]
         if changed:
-            raise UserError(f"--resume cannot change {', '.join(changed)}; only train.max_steps and train.device")
+            raise UserError(f"--resume cannot change {', '.join(changed)}; only {', '.join(resumable)}")
         cfg = load_run_config(run_dir, overrides)
     else:
         cfg = load_config(args.config, args.preset or (None if args.config else "default"), overrides)
         name = args.preset or (Path(args.config).stem if args.config else "default")
         run_dir = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.nproc is not None and "WORLD_SIZE" not in os.environ:
+        return launch(args, cfg, run_dir)
     summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")):
+        return 0
     print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.0f}s; "
           f"val_loss {summary['val_loss']:.4f}, val_ppl {summary['val_ppl']:.2f}, val_bpb {summary['val_bpb']:.3f} "
           f"(unigram ppl {summary['unigram_ppl']:.1f}); results in {run_dir}")
+    return 0
+
+
+def launch(args, cfg, run_dir: Path) -> int:
+    """`samoe train --nproc N`: this same command as N processes under torchrun's launcher."""
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    from samoe.train.distributed import check_layout
+
+    if args.nproc < 1:
+        raise UserError(f"--nproc = {args.nproc} is invalid; expected an integer >= 1")
+    check_layout(cfg, args.nproc)
+    argv = [a for a, prev in zip(args.argv, [None, *args.argv]) if not a.startswith("--nproc") and prev != "--nproc"]
+    if not args.out and not args.resume_dir:
+        argv += ["--out", str(run_dir)]  # one run directory for all processes
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the processes report for themselves
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    try:
+        elastic_launch(config, sys.executable)("-m", "samoe", *argv)
+    except ChildFailedError as e:
+        codes = {f.exitcode for f in e.failures.values()}
+        return EXIT_USER_ERROR if EXIT_USER_ERROR in codes else 1
     return 0
 
 
@@ -219,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int)
     p.add_argument("--seed", type=int)
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--nproc", type=int, metavar="N",
+                   help="run N processes on this machine (torchrun --standalone); train.batch_size stays global")
+    p.add_argument("--ep", type=int, metavar="P", help="expert-parallel size (train.ep): experts spread over P processes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -302,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if getattr(args, "resume", False) not in (False, True):
         args.resume_dir, args.resume = args.resume, True
     else:

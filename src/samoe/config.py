@@ -93,7 +93,8 @@ class ModelConfig:
 class TrainConfig:
     max_steps: int = 600
     batch_size: int = 16  # sequences per optimiser step (the global batch)
-    micro_batch_size: int | None = None  # gradient accumulation when < batch_size
+    micro_batch_size: int | None = None  # sequences per forward (and per routing group); null: the whole per-process batch
+    ep: int = 1  # expert-parallel group size: each process holds E/ep experts of every layer (divides the process count)
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 50
@@ -223,6 +224,10 @@ def validate(cfg: Config) -> Config:
     _choice("model.moe.pool.granularity", pool.granularity, GRANULARITIES)
     _choice("model.moe.pool.init", pool.init, POOL_INITS)
 
+    _check(t.ep >= 1, "train.ep", "an integer >= 1", t.ep)
+    if moe.enabled and t.ep > 1:
+        uneven = [e for e in experts_per_layer(m) if e % t.ep]
+        _check(not uneven, "train.ep", f"a divisor of every layer's expert count {sorted(set(experts_per_layer(m)))}", t.ep)
     _check(t.micro_batch_size is None or (t.micro_batch_size >= 1 and t.batch_size % t.micro_batch_size == 0),
            "train.micro_batch_size", f"null or a divisor of train.batch_size = {t.batch_size}", t.micro_batch_size)
     _check(t.lr > 0, "train.lr", "a number > 0", t.lr)

@@ -83,6 +83,7 @@ class PoolMixture(nn.Module):
         super().__init__()
         self._pool = (pool,)
         self.num_experts = num_experts
+        self.shard = (0, 1)  # (p, P): this process holds experts p, p + P, ... (expert parallelism)
         self.temperature = cfg.temperature
         shape = (cfg.size,) if cfg.granularity == "layer" else (num_experts, cfg.size)
         logits = initial_coefficient_logits(cfg, shape, layer, n_moe_layers)
@@ -103,9 +104,16 @@ class PoolMixture(nn.Module):
         return tuple(torch.einsum(f"{spec},ke...->e...", c.to(p.dtype), p[:, :E]) for p in self._pool[0]())
 
     def source(self) -> ExpertSource:
-        """The pool and c_l, for the fast path to combine one expert at a time."""
-        E = self.num_experts  # slice only for pyramid layers: a full slice would cost a gradient copy
-        return ExpertSource(*(p if p.shape[1] == E else p[:, :E] for p in self._pool[0]()), coef=self.coefficients())
+        """The pool and c_l, for the fast path to combine one expert at a time.
+
+        Under expert parallelism (`shard` = (p, P), set by moe/expert_parallel.py) the pool
+        holds experts p, p + P, ... and so do the returned coefficients."""
+        p, P = self.shard
+        E = self.num_experts // P  # slice only for pyramid layers: a full slice would cost a gradient copy
+        c = self.coefficients()
+        if c.dim() == 2 and P > 1:
+            c = c[p::P]
+        return ExpertSource(*(w if w.shape[1] == E else w[:, :E] for w in self._pool[0]()), coef=c)
 
 
 class SharedBank(nn.Module):

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from samoe.model.ffn import FeedForward
+from samoe.moe.expert_parallel import ExpertParallel, dispatch_ep
 from samoe.moe.experts import ExpertTensors
 from samoe.moe.grouped import ExpertSource, grouped_expert_ffn
 from samoe.moe.routers import Routing
@@ -35,8 +36,6 @@ def dispatch(x: Tensor, routing: Routing, source: ExpertSource | ExpertTensors, 
     order = torch.argsort(expert, stable=True)
     token, gate = token[order], gate[order]
     counts = torch.bincount(expert, minlength=num_experts).tolist()
-    if not token.numel():
-        return torch.zeros_like(x)
     y = grouped_expert_ffn(x[token], counts, source, activation)
     y = y * gate.unsqueeze(1).to(y.dtype)
     return torch.zeros(T, x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y).to(x.dtype)
@@ -57,13 +56,20 @@ class MoEFeedForward(nn.Module):
         self.residual = residual
         self.residual_coef = nn.Linear(residual.fc1.in_features, 2) if residual is not None else None
         self.last_stats: dict[str, Tensor] = {}
+        self.ep: ExpertParallel | None = None  # set by shard_experts: experts spread over processes
+        self.a2a_bytes = 0  # bytes sent to other processes by forwards since the last reset
 
     def forward(self, x: Tensor, token_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """x [B, S, d], token_ids [B, S] -> (y [B, S, d], auxiliary losses)."""
         B, S, d = x.shape
         flat = x.reshape(B * S, d)
         routing: Routing = self.router(flat, token_ids.reshape(-1))
-        y = dispatch(flat, routing, self.experts.source(), self.activation).view(B, S, d)
+        if self.ep is None:
+            y = dispatch(flat, routing, self.experts.source(), self.activation)
+        else:
+            y, sent = dispatch_ep(flat, routing, self.experts.source(), self.activation, self.router.num_experts, self.ep)
+            self.a2a_bytes += sent
+        y = y.view(B, S, d)
         self.last_stats = routing.stats()
         if self.residual is not None:
             p = self.residual_coef(x).softmax(dim=-1)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from samoe.analysis.flops import run_summary_flops
@@ -36,6 +37,10 @@ from samoe.eval.perplexity import evaluate
 from samoe.fileio import write_text_atomic
 from samoe.model.gpt import GPT
 from samoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from samoe.train.distributed import (Layout, all_mean, clip_grad_norm, full_experts, full_optimizer_state,
+                                     gather_rng_states, init_layout, reduce_expert_grads, reset_a2a_bytes,
+                                     seed_process, shard_experts, shard_optimizer_state, shutdown, step_a2a_bytes,
+                                     sync_router_loads, wrap_ddp)
 from samoe.train.optim import build_optimizer, lr_at
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
@@ -63,17 +68,26 @@ def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
     return load_config(path, overrides=overrides)
 
 
-def _rng_state(gen: torch.Generator) -> dict:
+def _rng_state(gen: torch.Generator, layout: Layout) -> dict:
     state = {"torch": torch.get_rng_state(), "data": gen.get_state()}
-    if torch.cuda.is_available():
+    by_rank = gather_rng_states(layout)
+    if by_rank is not None:
+        state["torch_by_rank"] = by_rank
+    if torch.cuda.is_available() and layout.world == 1:
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def _set_rng_state(state: dict, gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"].cpu())
+def _set_rng_state(state: dict, gen: torch.Generator, layout: Layout) -> None:
+    """Restore the data sampler (the same on every process) and this process's torch RNG: its
+    own when the run had as many processes, else process 0's stream on process 0."""
+    by_rank = state.get("torch_by_rank")
+    if by_rank is not None and len(by_rank) == layout.world:
+        torch.set_rng_state(by_rank[layout.rank].cpu())
+    elif layout.is_main:
+        torch.set_rng_state(state["torch"].cpu())
     gen.set_state(state["data"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_available() and layout.world == 1:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
@@ -85,9 +99,21 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
-    """Train (or resume) the run in run_dir; return the summary written to summary.json."""
-    run_dir = Path(run_dir)
-    device = resolve_device(cfg.train.device)
+    """Train (or resume) the run in run_dir; return the summary written to summary.json.
+
+    Under torchrun (WORLD_SIZE > 1) this is one process of a data + expert parallel run
+    (train/distributed.py); the main process writes the run directory."""
+    joined = dist.is_initialized()
+    layout, device = init_layout(cfg, resolve_device(cfg.train.device))
+    try:
+        return _train(cfg, Path(run_dir), resume, progress, layout, device)
+    finally:
+        if not joined:
+            shutdown(layout)
+
+
+def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Layout, device: torch.device) -> dict:
+    main = layout.is_main
     if resume:
         tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
         ckpt = latest_checkpoint(run_dir)
@@ -98,84 +124,117 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         tokenizer = None
     if cfg.data.path is not None:
         cfg.data.path = str(Path(cfg.data.path).resolve())
+    layout.barrier()  # every process has looked at run_dir before the main one writes to it
+    if not resume and not main:
+        layout.barrier()  # the main process trains the tokenizer; use the same one
+        tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
     splits = load_splits(cfg.data, cfg.model.vocab_size, tokenizer)
     for stream in (splits.train, splits.val):  # too little data: fail before writing anything
         stream.num_eval_windows(cfg.model.block_size)
     cfg.model.vocab_size = splits.tokenizer.vocab_size
-    if not resume:
+    if not resume and main:
         run_dir.mkdir(parents=True, exist_ok=True)
         splits.tokenizer.save(run_dir / TOKENIZER_FILE)
         save_config(cfg, run_dir / CONFIG_FILE)
+        layout.barrier()
 
     torch.manual_seed(cfg.train.seed)
     data_gen = torch.Generator().manual_seed(cfg.train.seed)
-    model = GPT(cfg.model).to(device)
+    model = GPT(cfg.model).to(device)  # the whole model on every process, identical; then sharded
     if cfg.model.moe.hash_map == "balanced" and not resume:
         model.set_token_frequencies(torch.from_numpy(np.bincount(splits.train.tokens, minlength=cfg.model.vocab_size)))
+    params = count_params(model)
+    if resume:
+        state = load_checkpoint(ckpt, model, device)
+    shard_experts(model, layout)
+    seed_process(cfg.train.seed, layout)
+    ddp = wrap_ddp(model, layout, device)
     optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda")
     step = 0
     metrics_path = run_dir / METRICS_FILE
     if resume:
-        state = load_checkpoint(ckpt, model, device)
         try:
-            optimizer.load_state_dict(state["optimizer"])
-        except (KeyError, ValueError) as e:
+            optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer, model, layout))
+        except (KeyError, ValueError, IndexError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint '{ckpt}' has an unusable optimiser state: {e}") from None
-        _set_rng_state(state["rng"], data_gen)
+        _set_rng_state(state["rng"], data_gen, layout)
         step = int(state["step"])
-        _truncate_metrics(metrics_path, step)
-    elif metrics_path.exists():
+        if main:
+            _truncate_metrics(metrics_path, step)
+    elif main and metrics_path.exists():
         metrics_path.unlink()
 
     t = cfg.train
     autocast = autocast_for(cfg, device)
-    micro = t.micro_batch_size or t.batch_size
+    local_batch = t.batch_size // layout.world  # this process's share of the global batch
+    micro = t.micro_batch_size or local_batch
     tokens_per_step = t.batch_size * cfg.model.block_size
     token_bytes = splits.tokenizer.token_bytes()
-    params = count_params(model)
     evaluate_val = partial(evaluate, model, splits.val, token_bytes, micro, t.eval_tokens, autocast)
 
-    print(f"run directory: {run_dir}", file=sys.stderr)  # only now: a user error above prints one line
+    if main:  # only now: a user error above prints one line
+        print(f"run directory: {run_dir}" + (f" ({layout.world} processes, ep = {t.ep})" if layout.world > 1 else ""),
+              file=sys.stderr)
     model.train()
     start, wall0 = step, time.time()
-    bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not (progress and main),
+               dynamic_ncols=True)
     last_val: dict = {}
-    with open(metrics_path, "a") as metrics:
+    metrics = open(metrics_path, "a") if main else None
+    try:
         while step < t.max_steps:
             t0 = time.time()
             lr = lr_at(step, t)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = splits.train.sample_batch(t.batch_size, cfg.model.block_size, data_gen)
+            x, y = splits.train.sample_batch(t.batch_size, cfg.model.block_size, data_gen)  # the same on every process
+            mine = slice(layout.rank * local_batch, (layout.rank + 1) * local_batch)
+            pieces = list(zip(x[mine].split(micro), y[mine].split(micro)))
+            reset_a2a_bytes(model)
             logs = {"loss": 0.0}
-            for xm, ym in zip(x.split(micro), y.split(micro)):
-                with autocast():
-                    out = model(xm.to(device, non_blocking=True), ym.to(device, non_blocking=True))
-                ((out.loss + out.aux_loss) * (xm.shape[0] / t.batch_size)).backward()
-                logs["loss"] += out.loss.item() * xm.shape[0] / t.batch_size
+            for i, (xm, ym) in enumerate(pieces):
+                accumulate = layout.world > 1 and i < len(pieces) - 1
+                with ddp.no_sync() if accumulate else nullcontext():  # DDP reduces once, after the last
+                    with autocast():
+                        out = ddp(xm.to(device, non_blocking=True), ym.to(device, non_blocking=True))
+                    ((out.loss + out.aux_loss) * (xm.shape[0] / local_batch)).backward()
+                logs["loss"] += out.loss.item() * xm.shape[0] / local_batch
                 for name, value in out.aux.items():
-                    logs[name] = logs.get(name, 0.0) + value.item() * xm.shape[0] / t.batch_size
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip or float("inf"))
+                    logs[name] = logs.get(name, 0.0) + value.item() * xm.shape[0] / local_batch
+            logs = all_mean(logs, layout)
+            if layout.ep is not None:
+                reduce_expert_grads(model, layout)
+            grad_norm = clip_grad_norm(model, layout, t.grad_clip or float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            sync_router_loads(model, layout)
             model.update_router_biases()
             step += 1
             row = {"step": step, "tokens": step * tokens_per_step, **logs, "lr": lr,
                    "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / (time.time() - t0),
                    **model.routing_stats()}
+            if layout.ep is not None:
+                row["a2a_bytes"] = step_a2a_bytes(model, layout)
             if step % t.eval_every == 0 or step == t.max_steps:
                 last_val = evaluate_val()
                 row.update({k: last_val[k] for k in ("val_loss", "val_ppl", "val_bpb")})
-                bar.write(f"step {step}: val_loss {last_val['val_loss']:.4f}  val_ppl {last_val['val_ppl']:.2f}  "
-                          f"(unigram ppl {last_val['unigram_ppl']:.1f})")
-            if step % t.log_every == 0 or "val_loss" in row or step == t.max_steps:
+                if main:
+                    bar.write(f"step {step}: val_loss {last_val['val_loss']:.4f}  val_ppl {last_val['val_ppl']:.2f}  "
+                              f"(unigram ppl {last_val['unigram_ppl']:.1f})")
+            if main and (step % t.log_every == 0 or "val_loss" in row or step == t.max_steps):
                 metrics.write(json.dumps(row) + "\n")
                 metrics.flush()
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             if step % t.ckpt_every == 0 or step == t.max_steps:
-                save_checkpoint(run_dir, step, model,
-                                {"optimizer": optimizer.state_dict(), "rng": _rng_state(data_gen)})
+                state = {"optimizer": full_optimizer_state(optimizer, model, layout), "rng": _rng_state(data_gen, layout)}
+                with full_experts(model, layout):
+                    if main:
+                        save_checkpoint(run_dir, step, model, state)
+                layout.barrier()
+    finally:
+        if metrics is not None:
+            metrics.close()
     bar.close()
     if not last_val:  # resumed a finished run
         last_val = evaluate_val()
@@ -188,8 +247,11 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
         "steps_this_session": step - start,
         **{k: last_val[k] for k in ("val_loss", "val_ppl", "val_bpb", "unigram_ppl", "val_tokens")},
         "device": str(device),
+        "processes": layout.world,
+        "ep": t.ep,
     }
-    write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+    if main:
+        write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
     return summary
 
 

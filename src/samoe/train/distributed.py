@@ -1,0 +1,260 @@
+"""Data + expert parallel training on torch.distributed (launched by torchrun).
+
+Layout: W processes form W/P expert-parallel groups of P = train.ep consecutive ranks. A group
+shares one copy of the experts, each process holding E/P of every layer
+(moe/expert_parallel.py); the W/P copies are replicas (a "dp" group per shard). Everything that is not an expert is replicated on all W.
+
+The configured batch is the global batch: every process draws the same window offsets and
+keeps its 1/W slice, so a run's data, hyperparameters and results do not depend on W (with
+`train.micro_batch_size` set, even the routing groups are the same). Gradients of the global
+mean loss L = (1/W) Σ_r L_r:
+
+    non-expert:  DDP averages over all W processes;
+    expert:      after backward an expert shard holds Σ_{r in its ep group} ∂L_r/∂W_e; it is
+                 summed over its dp replicas and divided by W.
+
+Clipping uses the true global norm: ‖g‖² = ‖g_replicated‖² + Σ_{ep group} ‖g_expert shard‖²
+(each shard counted once). Checkpoints hold the full model, gathered on save and sliced on
+load, so a run moves freely between process counts and expert-parallel sizes.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from samoe.config import Config
+from samoe.errors import ConfigError
+from samoe.moe.expert_parallel import ExpertParallel, gather_shards, take_shard
+from samoe.moe.experts import ExpertWeights, PoolMixture
+from samoe.moe.layer import MoEFeedForward
+
+
+@dataclass
+class Layout:
+    """Where this process sits. world = 1 is plain single-process training."""
+
+    world: int = 1
+    rank: int = 0
+    device: torch.device = torch.device("cpu")
+    ep: ExpertParallel | None = None  # set when train.ep > 1
+    dp_group: dist.ProcessGroup | None = None  # replicas of this process's expert shard
+    expert_axes: dict[str, int] = field(default_factory=dict)  # sharded parameter -> its expert axis
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def check_layout(cfg: Config, world: int) -> None:
+    """ConfigError for a layout that cannot be built on `world` processes."""
+    t = cfg.train
+    if world % t.ep:
+        raise ConfigError(f"train.ep = {t.ep} must divide the number of processes, {world}"
+                          + (" (launch with --nproc or torchrun)" if world == 1 else ""))
+    if t.batch_size % world:
+        raise ConfigError(f"train.batch_size = {t.batch_size} must be a multiple of the number of processes, {world}")
+    local = t.batch_size // world
+    if t.micro_batch_size is not None and local % t.micro_batch_size:
+        raise ConfigError(f"train.micro_batch_size = {t.micro_batch_size} must divide the per-process batch "
+                          f"{local} (train.batch_size {t.batch_size} / {world} processes)")
+
+
+def init_layout(cfg: Config, device: torch.device) -> tuple[Layout, torch.device]:
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, ...) and build the mesh;
+    nccl on GPU, gloo on CPU. Returns the layout and this process's device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    check_layout(cfg, world)
+    if world == 1:
+        return Layout(device=device), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
+    P, rank = cfg.train.ep, dist.get_rank()
+    # ep groups are runs of P consecutive ranks, dp groups every P-th rank. Both are new groups,
+    # apart from the default one DDP reduces on: collectives on one group run in issue order,
+    # and DDP's asynchronous bucket reductions must not interleave with the experts' all-to-alls.
+    ep_groups = [dist.new_group(list(range(g, g + P))) for g in range(0, world, P)]
+    dp_groups = [dist.new_group(list(range(p, world, P))) for p in range(P)]
+    ep = ExpertParallel(ep_groups[rank // P], rank % P, P) if P > 1 else None
+    return Layout(world, rank, device, ep, dp_groups[rank % P]), device
+
+
+def shard_experts(model: nn.Module, layout: Layout) -> None:
+    """Keep only this process's experts of every expert tensor (the full model was built
+    identically on every process); tell the MoE layers and pool mixtures about it."""
+    if layout.ep is None:
+        return
+    for name, module in model.named_modules():
+        if isinstance(module, ExpertWeights):
+            axis = module.w1.dim() - 3  # [*lead, E, d, h]
+            for pname, p in list(module.named_parameters(recurse=False)):
+                setattr(module, pname, nn.Parameter(take_shard(p.detach(), axis, layout.ep), p.requires_grad))
+                layout.expert_axes[f"{name}.{pname}" if name else pname] = axis
+        elif isinstance(module, PoolMixture):
+            module.shard = (layout.ep.rank, layout.ep.size)
+        elif isinstance(module, MoEFeedForward):
+            module.ep = layout.ep
+
+
+def wrap_ddp(model: nn.Module, layout: Layout, device: torch.device) -> nn.Module:
+    """DDP over the replicated parameters (expert shards are left to reduce_expert_grads)."""
+    if layout.world == 1:
+        return model
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(layout.expert_axes))
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   forward_sync_buffers=False)  # buffers change identically everywhere
+
+
+def _expert_params(model: nn.Module, layout: Layout) -> list[tuple[str, nn.Parameter]]:
+    return [(n, p) for n, p in model.named_parameters() if n in layout.expert_axes]
+
+
+def reduce_expert_grads(model: nn.Module, layout: Layout) -> None:
+    """Expert-shard gradients: sum over the dp replicas, divide by W (see the module doc)."""
+    for _, p in _expert_params(model, layout):
+        if p.grad is None:  # no token reached this shard: a zero gradient, same collectives everywhere
+            p.grad = torch.zeros_like(p)
+        if layout.world > layout.ep.size:
+            dist.all_reduce(p.grad, group=layout.dp_group)
+        p.grad.div_(layout.world)
+
+
+def clip_grad_norm(model: nn.Module, layout: Layout, max_norm: float) -> torch.Tensor:
+    """Scale all gradients so the global norm is at most max_norm; return the global norm."""
+    if layout.ep is None:  # everything replicated: the local norm is the global one
+        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    replicated = torch.nn.utils.get_total_norm([g for n, g in grads.items() if n not in layout.expert_axes])
+    sharded = torch.nn.utils.get_total_norm([g for n, g in grads.items() if n in layout.expert_axes]) ** 2
+    dist.all_reduce(sharded, group=layout.ep.group)
+    total = (replicated.to(sharded.dtype) ** 2 + sharded).sqrt()
+    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total)
+    return total
+
+
+def sync_router_loads(model: nn.Module, layout: Layout) -> None:
+    """Sum the loads the aux-loss-free bias update uses over all processes, so every replica
+    of a router takes the same step."""
+    if layout.world == 1:
+        return
+    for layer in model.moe_layers():
+        load = getattr(layer.router, "recent_load", None)
+        if load is not None:
+            dist.all_reduce(load)
+
+
+def step_a2a_bytes(model: nn.Module, layout: Layout) -> int:
+    """Bytes all processes sent each other in all-to-alls since the last call (forward and
+    backward of one training step; the backward mirrors the forward)."""
+    sent = 0
+    for layer in model.moe_layers():
+        sent, layer.a2a_bytes = sent + 2 * layer.a2a_bytes, 0
+    total = torch.tensor(float(sent), device=layout.device)
+    dist.all_reduce(total)
+    return int(total)
+
+
+def reset_a2a_bytes(model: nn.Module) -> None:
+    for layer in model.moe_layers():
+        layer.a2a_bytes = 0
+
+
+@contextmanager
+def full_experts(model: nn.Module, layout: Layout):
+    """On the main process, swap the full (gathered) expert tensors in for the shards while
+    the block runs, so the model saves as the single-process model does."""
+    swapped = []
+    if layout.ep is not None and layout.rank < layout.ep.size:  # the first ep group holds every shard
+        for name, p in _expert_params(model, layout):
+            full = gather_shards(p.data, layout.expert_axes[name], layout.ep)
+            if full is not None:
+                swapped.append((p, p.data))
+                p.data = full
+    try:
+        yield
+    finally:
+        for p, shard in swapped:
+            p.data = shard
+
+
+def _param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:
+    """Parameter names in optimizer state_dict order (its integer keys)."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, layout: Layout) -> dict | None:
+    """The optimiser state as a single process would hold it, on the main process (None
+    elsewhere); every process of the first ep group takes part."""
+    state = optimizer.state_dict()
+    if layout.ep is None:
+        return state if layout.is_main else None
+    if layout.rank >= layout.ep.size:
+        return None
+    for i, name in enumerate(_param_names(optimizer, model)):
+        if name in layout.expert_axes and i in state["state"]:
+            axis = layout.expert_axes[name]
+            state["state"][i] = {k: gather_shards(v, axis, layout.ep) if _is_moment(v) else v
+                                 for k, v in state["state"][i].items()}
+    return state if layout.is_main else None
+
+
+def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer, model: nn.Module, layout: Layout) -> dict:
+    """A full optimiser state (any process count wrote it) cut to this process's experts."""
+    if layout.ep is None:
+        return state
+    for i, name in enumerate(_param_names(optimizer, model)):
+        if name in layout.expert_axes and i in state["state"]:
+            axis = layout.expert_axes[name]
+            state["state"][i] = {k: take_shard(v, axis, layout.ep) if _is_moment(v) else v
+                                 for k, v in state["state"][i].items()}
+    return state
+
+
+def _is_moment(v) -> bool:
+    """Adam's per-element state (exp_avg, exp_avg_sq), as opposed to its scalar step count."""
+    return isinstance(v, torch.Tensor) and v.dim() > 0
+
+
+def gather_rng_states(layout: Layout) -> list[torch.Tensor] | None:
+    """Every process's torch RNG state, in rank order, on the main process."""
+    if layout.world == 1:
+        return None
+    states = [None] * layout.world if layout.is_main else None
+    dist.gather_object(torch.get_rng_state(), states, dst=0)
+    return states
+
+
+def seed_process(seed: int, layout: Layout) -> None:
+    """Distinct dropout / jitter streams per process; process 0 keeps the single-process stream."""
+    if layout.rank:
+        torch.manual_seed(seed + 1_000_003 * layout.rank)
+
+
+def all_mean(values: dict[str, float], layout: Layout) -> dict[str, float]:
+    """Per-process numbers averaged over all processes (one all-reduce)."""
+    if layout.world == 1:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=layout.device)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / layout.world).tolist()))
+
+
+def shutdown(layout: Layout) -> None:
+    if layout.world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
