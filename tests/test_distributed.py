@@ -1,0 +1,236 @@
+"""Data + expert parallel training on 2 (and 4) CPU processes over gloo, against one process:
+
+- an expert-parallel MoE layer gives the single-process outputs and gradients, for every router,
+  with capacity and dropless, for private experts, the SaMoE pool and the shared bank;
+- `samoe train --nproc 2 --ep 2` logs the same loss and clipped gradient norm at every step as
+  one process with the same global batch (and so do pure data parallel and dp 2 x ep 2);
+- a checkpoint written by 2 processes resumes on 1 with the same next steps, and the reverse;
+- impossible layouts are one-line errors with exit status 2.
+"""
+
+import copy
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from samoe.config import load_config
+from samoe.model.gpt import GPT
+from samoe.moe.expert_parallel import take_shard
+from samoe.train import distributed
+from samoe.train.optim import build_optimizer
+
+from test_train import read_metrics, write_corpus
+
+LAYER_CASES = [  # (router, dropless, sharing, extra overrides)
+    ("switch", False, "private", ()),
+    ("switch", True, "private", ()),
+    ("gshard", False, "private", ()),
+    ("gshard", True, "private", ()),
+    ("switch", False, "pool", ()),
+    ("gshard", True, "pool", ("model.moe.pool.granularity=expert",)),
+    ("gshard", False, "pool", ("model.moe.experts_per_layer=[4, 2]",)),  # pyramid: the pool's first 2
+    ("switch", True, "shared", ()),
+    ("topk", False, "private", ("model.moe.top_k=3",)),
+    ("base", False, "pool", ()),
+    ("hash", False, "private", ()),
+    ("expert_choice", False, "pool", ()),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _join(rank: int, world: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+
+def _layer_worker(rank: int, world: int, port: int) -> None:
+    _join(rank, world, port)
+    for router, dropless, sharing, extra in LAYER_CASES:
+        cfg = load_config(preset="tiny", overrides=[
+            f"model.moe.router={router}", f"model.moe.dropless={str(dropless).lower()}",
+            f"model.moe.sharing={sharing}", "model.moe.capacity_factor=1.0", "model.moe.shared_experts=4",
+            "train.ep=2", "train.batch_size=2", *extra])
+        layout, _ = distributed.init_layout(cfg, torch.device("cpu"))
+        torch.manual_seed(0)
+        model = GPT(cfg.model)
+        reference = copy.deepcopy(model)
+        distributed.shard_experts(model, layout)
+        gen = torch.Generator().manual_seed(1)
+        B, S, d = 2, 16, cfg.model.d_model
+        xs = torch.randn(world, B, S, d, generator=gen, dtype=torch.float64)
+        ids = torch.randint(cfg.model.vocab_size, (world, B, S), generator=gen)
+        upstream = torch.randn(world, B, S, d, generator=gen, dtype=torch.float64)
+        model.double()
+        reference.double()
+        for i, (layer, ref_layer) in enumerate(zip(model.moe_layers(), reference.moe_layers())):
+            case = f"{router} dropless={dropless} {sharing} {extra} layer {i}"
+            # one process: each rank's tokens through the whole layer, gradients per rank
+            ref_out, ref_grads = [], []
+            names = [n for n, _ in ref_layer.named_parameters()]
+            if sharing == "pool":
+                names += ["pool." + n for n, _ in reference.expert_pool.named_parameters()]
+            elif sharing == "shared":
+                names += ["bank." + n for n, _ in reference.expert_bank.named_parameters()]
+            params = dict(ref_layer.named_parameters())
+            params.update({"pool." + n: p for n, p in (reference.expert_pool.named_parameters() if sharing == "pool" else [])})
+            params.update({"bank." + n: p for n, p in (reference.expert_bank.named_parameters() if sharing == "shared" else [])})
+            for r in range(world):
+                x = xs[r].clone().requires_grad_()
+                torch.manual_seed(100 + r)  # gshard's random routing and jitter draw the same numbers
+                y, _ = ref_layer(x, ids[r])
+                grads = torch.autograd.grad((y * upstream[r]).sum(), [x, *(params[n] for n in names)], allow_unused=True)
+                ref_out.append(y.detach())
+                ref_grads.append(dict(zip(["x", *names], grads)))
+            # expert parallel: this rank's tokens, experts spread over both processes
+            x = xs[rank].clone().requires_grad_()
+            torch.manual_seed(100 + rank)
+            y, _ = layer(x, ids[rank])
+            (y * upstream[rank]).sum().backward()
+            torch.testing.assert_close(y, ref_out[rank], rtol=1e-9, atol=1e-9, msg=lambda m: f"{case}: output {m}")
+            torch.testing.assert_close(x.grad, ref_grads[rank]["x"], rtol=1e-9, atol=1e-9, msg=lambda m: f"{case}: dx {m}")
+            owners = {"pool." + n: p for n, p in (model.expert_pool.named_parameters() if sharing == "pool" else [])}
+            owners.update({"bank." + n: p for n, p in (model.expert_bank.named_parameters() if sharing == "shared" else [])})
+            owners.update(dict(layer.named_parameters()))
+            for name in names:
+                grad = owners[name].grad
+                total = [g[name] for g in ref_grads if g[name] is not None]
+                total = sum(total) if total else torch.zeros_like(params[name])
+                if name.endswith("coef_logits"):  # replicated, but each rank sees only its own experts' part
+                    grad = grad.clone()
+                    torch.distributed.all_reduce(grad)
+                    expect = total
+                elif name.startswith(("pool.", "bank.", "experts.")):
+                    # an expert shard's gradient sums over every token of the group; compare this rank's experts
+                    axis = 1 if name.startswith("pool.") else 0
+                    expect = take_shard(total, axis, layout.ep)
+                else:  # router, residual: replicated, each rank's gradient from its own tokens
+                    expect = ref_grads[rank][name] if ref_grads[rank][name] is not None else torch.zeros_like(grad)
+                torch.testing.assert_close(grad, expect, rtol=1e-9, atol=1e-9, msg=lambda m: f"{case}: d{name} {m}")
+            model.zero_grad()
+        assert any(l.a2a_bytes > 0 for l in model.moe_layers())
+    distributed.shutdown(layout)
+
+
+def test_expert_parallel_layer_equals_the_single_process_layer():
+    mp.start_processes(_layer_worker, args=(2, _free_port()), nprocs=2, start_method="spawn")
+
+
+# --------------------------------------------------------------------------- whole runs
+
+
+def _samoe(*args: str, env: dict | None = None, torchrun: int = 0) -> subprocess.CompletedProcess:
+    """`samoe ARGS`, or `torchrun --standalone --nproc_per_node N -m samoe ARGS` when torchrun = N."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else []
+    return subprocess.run([sys.executable, *launcher, "-m", "samoe", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=600)
+
+
+def _run_args(corpus: Path, out: Path, steps: int = 20, *extra: str) -> list[str]:
+    return ["train", "--preset", "tiny", "--data", str(corpus), "--out", str(out), "--quiet",
+            f"train.max_steps={steps}", "train.log_every=1", "train.eval_every=10", "train.ckpt_every=10",
+            "train.eval_tokens=512", "train.batch_size=8", "train.micro_batch_size=2", "data.tokenizer=byte",
+            "model.moe.num_experts=4", *extra]
+
+
+def _assert_same_curve(a: list[dict], b: list[dict]) -> None:
+    """Equal within float tolerance: summation order differs (all-reduce vs accumulation), and a
+    routing decision near a tie can flip with it, moving one step's loss by ~1e-5."""
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "load_balance", "grad_norm", "val_loss"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-6), (ra["step"], key)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """One process; ep = 2 on 2 processes (launched by torchrun itself); 2 data-parallel processes
+    and dp 2 x ep 2 on 4 (launched by `samoe train --nproc`). Same data and global batch."""
+    root = tmp_path_factory.mktemp("dist")
+    env = {"SAMOE_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
+    corpus = write_corpus(root / "corpus.txt")
+    out = {}
+    for name, extra, torchrun in [("one", (), 0), ("ep2", ("--ep", "2"), 2), ("dp2", ("--nproc", "2"), 0),
+                                  ("dp2ep2", ("--nproc", "4", "--ep", "2"), 0)]:
+        out[name] = root / name
+        done = _samoe(*_run_args(corpus, out[name]), *extra, env=env, torchrun=torchrun)
+        assert done.returncode == 0, done.stderr[-3000:]
+    return root, corpus, env, out
+
+
+@pytest.mark.parametrize("name", ["ep2", "dp2", "dp2ep2"])
+def test_parallel_runs_log_the_single_process_loss_and_grad_norm_at_every_step(runs, name):
+    _, _, _, out = runs
+    one, parallel = read_metrics(out["one"]), read_metrics(out[name])
+    assert len(one) == 20
+    _assert_same_curve(one, parallel)
+    summary = json.loads((out[name] / "summary.json").read_text())
+    assert summary["processes"] == (4 if name == "dp2ep2" else 2)
+    # with experts spread over processes, the all-to-all traffic is logged; none without
+    if name == "dp2":
+        assert all("a2a_bytes" not in r for r in parallel)
+    else:
+        assert all(r["a2a_bytes"] > 0 for r in parallel)
+
+
+def _rewind(src: Path, dst: Path, step: int) -> Path:
+    """A copy of run `src` whose latest checkpoint is `step` (as if it had stopped there)."""
+    shutil.copytree(src, dst)
+    (dst / "checkpoints" / "latest").write_text(f"step-{step:06d}\n")
+    return dst
+
+
+@pytest.mark.parametrize("src,resume_with", [("ep2", ("train.ep=1",)), ("one", ("--nproc", "2", "--ep", "2")),
+                                            ("dp2ep2", ("--nproc", "2", "--ep", "2"))])
+def test_checkpoints_move_between_process_counts(runs, tmp_path, src, resume_with):
+    root, _, env, out = runs
+    run = _rewind(out[src], tmp_path / "resumed", 10)
+    done = _samoe("train", "--resume", "--out", str(run), "--quiet", *resume_with, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_curve(read_metrics(out["one"]), read_metrics(run))
+
+
+def test_checkpoint_holds_the_full_model_and_optimizer(runs):
+    _, _, _, out = runs
+    from samoe.train.checkpoint import load_checkpoint
+
+    cfg = load_config(out["ep2"] / "config.yaml")
+    model = GPT(cfg.model)
+    state = load_checkpoint(out["ep2"] / "checkpoints" / "step-000020", model)
+    pool = model.expert_pool.w1
+    assert pool.shape[1] == 4  # every expert, not a shard
+    names = distributed._param_names(build_optimizer(model, cfg.train), model)  # state_dict order
+    moments = state["optimizer"]["state"][names.index("expert_pool.w1")]
+    assert moments["exp_avg"].shape == pool.shape
+    assert len(state["rng"]["torch_by_rank"]) == 2
+
+
+@pytest.mark.parametrize("flags,overrides,message", [
+    (("--nproc", "2", "--ep", "3"), (), "train.ep = 3"),  # 4 experts are not divisible by 3
+    (("--nproc", "3", "--ep", "2"), (), "must divide the number of processes, 3"),
+    (("--ep", "2"), (), "must divide the number of processes, 1"),
+    (("--nproc", "3"), (), "train.batch_size = 8 must be a multiple of the number of processes, 3"),
+    (("--nproc", "2"), ("train.micro_batch_size=8",), "train.micro_batch_size = 8 must divide the per-process batch 4"),
+    (("--nproc", "0"), (), "--nproc = 0"),
+])
+def test_impossible_layouts_are_one_line_errors(tmp_path, flags, overrides, message):
+    corpus = write_corpus(tmp_path / "corpus.txt", n_docs=20)
+    done = _samoe(*_run_args(corpus, tmp_path / "run", 2, *overrides), *flags, env={"SAMOE_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("samoe: error:") and message in lines[0], done.stderr
+    assert not (tmp_path / "run").exists()
