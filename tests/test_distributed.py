@@ -29,6 +29,7 @@ from samoe.train.optim import build_optimizer
 
 from test_train import read_metrics, write_corpus
 
+SKEW = "all tokens to expert 0"
 LAYER_CASES = [  # (router, dropless, sharing, extra overrides)
     ("switch", False, "private", ()),
     ("switch", True, "private", ()),
@@ -42,6 +43,8 @@ LAYER_CASES = [  # (router, dropless, sharing, extra overrides)
     ("base", False, "pool", ()),
     ("hash", False, "private", ()),
     ("expert_choice", False, "pool", ()),
+    ("gshard", False, "pool", ("model.moe.capacity_factor=16",)),  # capacity above the token count
+    ("switch", True, "pool", (SKEW,)),  # every token to expert 0: process 1 receives nothing
 ]
 
 
@@ -63,7 +66,7 @@ def _layer_worker(rank: int, world: int, port: int) -> None:
         cfg = load_config(preset="tiny", overrides=[
             f"model.moe.router={router}", f"model.moe.dropless={str(dropless).lower()}",
             f"model.moe.sharing={sharing}", "model.moe.capacity_factor=1.0", "model.moe.shared_experts=4",
-            "train.ep=2", "train.batch_size=2", *extra])
+            "train.ep=2", "train.batch_size=2", *(o for o in extra if o != SKEW)])
         layout, _ = distributed.init_layout(cfg, torch.device("cpu"))
         torch.manual_seed(0)
         model = GPT(cfg.model)
@@ -76,6 +79,11 @@ def _layer_worker(rank: int, world: int, port: int) -> None:
         upstream = torch.randn(world, B, S, d, generator=gen, dtype=torch.float64)
         model.double()
         reference.double()
+        if SKEW in extra:  # a constant feature only expert 0's router row reads
+            xs[..., 0] = 10.0
+            for m in (model, reference):
+                for layer in m.moe_layers():
+                    layer.router.weight.data[:, 0] = torch.tensor([1.0] + [-1.0] * (layer.router.num_experts - 1))
         for i, (layer, ref_layer) in enumerate(zip(model.moe_layers(), reference.moe_layers())):
             case = f"{router} dropless={dropless} {sharing} {extra} layer {i}"
             # one process: each rank's tokens through the whole layer, gradients per rank
