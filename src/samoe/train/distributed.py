@@ -191,25 +191,25 @@ def full_experts(model: nn.Module, layout: Layout):
             p.data = shard
 
 
-def _param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:
-    """Parameter names in optimizer state_dict order (its integer keys)."""
+def _map_expert_moments(state: dict, optimizer: torch.optim.Optimizer, model: nn.Module, layout: Layout, fn) -> dict:
+    """state with fn(tensor, expert axis, ep) applied to the Adam moments (exp_avg,
+    exp_avg_sq; not the scalar step) of every expert parameter."""
     name_of = {id(p): n for n, p in model.named_parameters()}
-    return [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]  # state_dict's integer keys
+    for i, name in enumerate(names):
+        if name in layout.expert_axes and i in state["state"]:
+            axis = layout.expert_axes[name]
+            state["state"][i] = {k: fn(v, axis, layout.ep) if isinstance(v, torch.Tensor) and v.dim() else v
+                                 for k, v in state["state"][i].items()}
+    return state
 
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, layout: Layout) -> dict | None:
     """The optimiser state as a single process would hold it, on the main process (None
     elsewhere); every process of the first ep group takes part."""
     state = optimizer.state_dict()
-    if layout.ep is None:
-        return state if layout.is_main else None
-    if layout.rank >= layout.ep.size:
-        return None
-    for i, name in enumerate(_param_names(optimizer, model)):
-        if name in layout.expert_axes and i in state["state"]:
-            axis = layout.expert_axes[name]
-            state["state"][i] = {k: gather_shards(v, axis, layout.ep) if _is_moment(v) else v
-                                 for k, v in state["state"][i].items()}
+    if layout.ep is not None and layout.rank < layout.ep.size:
+        state = _map_expert_moments(state, optimizer, model, layout, gather_shards)
     return state if layout.is_main else None
 
 
@@ -217,17 +217,7 @@ def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer, model: 
     """A full optimiser state (any process count wrote it) cut to this process's experts."""
     if layout.ep is None:
         return state
-    for i, name in enumerate(_param_names(optimizer, model)):
-        if name in layout.expert_axes and i in state["state"]:
-            axis = layout.expert_axes[name]
-            state["state"][i] = {k: take_shard(v, axis, layout.ep) if _is_moment(v) else v
-                                 for k, v in state["state"][i].items()}
-    return state
-
-
-def _is_moment(v) -> bool:
-    """Adam's per-element state (exp_avg, exp_avg_sq), as opposed to its scalar step count."""
-    return isinstance(v, torch.Tensor) and v.dim() > 0
+    return _map_expert_moments(state, optimizer, model, layout, take_shard)
 
 
 def gather_rng_states(layout: Layout) -> list[torch.Tensor] | None:
