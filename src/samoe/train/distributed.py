@@ -62,7 +62,7 @@ def check_layout(cfg: Config, world: int) -> None:
     t = cfg.train
     if world % t.ep:
         raise ConfigError(f"train.ep = {t.ep} must divide the number of processes, {world}"
-                          + (" (launch with --nproc or torchrun)" if world == 1 else ""))
+                          + (" (launch with --nproc or torchrun, or pass train.ep=1)" if world == 1 else ""))
     if t.batch_size % world:
         raise ConfigError(f"train.batch_size = {t.batch_size} must be a multiple of the number of processes, {world}")
     local = t.batch_size // world
