@@ -218,6 +218,13 @@ def test_export_round_trips_and_writes_lm_eval_yaml(task_data, tmp_path):
         assert cfg["dataset_kwargs"]["data_files"]["test"] == str((out / f"{name}.jsonl").resolve())
 
 
+def test_every_builtin_task_ships_an_lm_eval_yaml_of_its_kind():
+    for name, spec in tasks.BUILTIN.items():
+        cfg = yaml.safe_load((tasks.YAML_DIR / f"{name}.yaml").read_text())
+        assert cfg["task"] == f"samoe_{name}" and cfg["dataset_kwargs"]["data_files"]["test"] == f"{name}.jsonl"
+        assert cfg["include"] == f"_{spec.kind}_template_yaml" and (tasks.YAML_DIR / cfg["include"]).is_file()
+
+
 def test_lm_eval_through_the_adapter_agrees_with_samoe(task_data, run_dir, tmp_path, monkeypatch):
     """lm_eval.simple_evaluate on the exported tasks, offline, equals `samoe eval --task`."""
     import lm_eval

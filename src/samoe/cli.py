@@ -16,6 +16,7 @@ from pathlib import Path
 from samoe.config import field_paths, load_config, preset_names
 from samoe.data.cli import add_data_parser
 from samoe.errors import UserError
+from samoe.eval.tasks import BUILTIN
 
 EXIT_USER_ERROR = 2
 
@@ -299,9 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="evaluate on all documents of this path instead of the run's validation split")
     p.add_argument("--max-tokens", type=int, help="score at most this many tokens (default: the run's "
                    "train.eval_tokens, as training's evaluations did; 0 = all)")
-    p.add_argument("--task", metavar="NAMES", help="comma-separated zero-shot tasks: built-in names (piqa, "
-                   "hellaswag, arc_easy, arc_challenge, winogrande, lambada, sciq, boolq, openbookqa, social_iqa, "
-                   "csqa) or .jsonl files of your own")
+    p.add_argument("--task", metavar="NAMES", help=f"comma-separated zero-shot tasks: built-in names "
+                   f"({', '.join(BUILTIN)}) or .jsonl files of your own")
     p.add_argument("--limit", type=int, help="score only the first N items of each task")
     p.add_argument("--batch-size", type=int, help="requests per forward pass (default: the run's micro-batch size)")
     p.add_argument("--export-tasks", metavar="DIR", help="write the built-in tasks (or those of --task) as JSONL "

@@ -40,7 +40,6 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from samoe.errors import DataError
 from samoe.eval.tasks import Task
 from samoe.model.gpt import GPT
 
