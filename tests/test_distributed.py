@@ -243,3 +243,13 @@ def test_impossible_layouts_are_one_line_errors(tmp_path, flags, overrides, mess
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("samoe: error:") and message in lines[0], done.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_an_error_on_the_main_process_is_one_line_from_all_of_them(tmp_path):
+    """The main process alone reads the data first (to train the tokenizer); the others wait for
+    it, so its error must reach them rather than leave them waiting or dying with a traceback."""
+    done = _samoe(*_run_args(tmp_path / "missing.txt", tmp_path / "run", 2), "--nproc", "2",
+                  env={"SAMOE_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [f"samoe: error: data path '{tmp_path / 'missing.txt'}' does not exist"]
+    assert not (tmp_path / "run").exists()

@@ -390,7 +390,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"samoe: error: {e}", file=sys.stderr)
+        if not int(os.environ.get("RANK", "0")):  # under torchrun every process hits the same error
+            print(f"samoe: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("samoe: interrupted", file=sys.stderr)

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from samoe.config import Config
-from samoe.errors import ConfigError
+from samoe.errors import ConfigError, UserError
 from samoe.moe.expert_parallel import ExpertParallel, gather_shards, take_shard
 from samoe.moe.experts import ExpertWeights, PoolMixture
 from samoe.moe.layer import MoEFeedForward
@@ -55,6 +55,25 @@ class Layout:
     def barrier(self) -> None:
         if self.world > 1:
             dist.barrier()
+
+
+def run_on_main(layout: Layout, fn):
+    """fn() on the main process only; a UserError it raises is raised on every
+    process, which would otherwise wait for the main one forever. Returns fn's result on the
+    main process, None on the others, once the main process is done."""
+    result, error = None, None
+    if layout.is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            error = e
+    if layout.world > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
+    return result
 
 
 def check_layout(cfg: Config, world: int) -> None:

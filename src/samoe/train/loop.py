@@ -37,7 +37,7 @@ from samoe.eval.perplexity import evaluate
 from samoe.fileio import write_text_atomic
 from samoe.model.gpt import GPT
 from samoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from samoe.train.distributed import (Layout, all_mean, clip_grad_norm, full_experts, full_optimizer_state,
+from samoe.train.distributed import (Layout, all_mean, run_on_main, clip_grad_norm, full_experts, full_optimizer_state,
                                      gather_rng_states, init_layout, reduce_expert_grads, reset_a2a_bytes,
                                      seed_process, shard_experts, shard_optimizer_state, shutdown, step_a2a_bytes,
                                      sync_router_loads, wrap_ddp)
@@ -125,18 +125,28 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Lay
     if cfg.data.path is not None:
         cfg.data.path = str(Path(cfg.data.path).resolve())
     layout.barrier()  # every process has looked at run_dir before the main one writes to it
-    if not resume and not main:
-        layout.barrier()  # the main process trains the tokenizer; use the same one
-        tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
-    splits = load_splits(cfg.data, cfg.model.vocab_size, tokenizer)
-    for stream in (splits.train, splits.val):  # too little data: fail before writing anything
-        stream.num_eval_windows(cfg.model.block_size)
-    cfg.model.vocab_size = splits.tokenizer.vocab_size
-    if not resume and main:
+
+    def load_data(tokenizer):
+        splits = load_splits(cfg.data, cfg.model.vocab_size, tokenizer)
+        for stream in (splits.train, splits.val):  # too little data: fail before writing anything
+            stream.num_eval_windows(cfg.model.block_size)
+        return splits
+
+    def start_run():  # the main process trains the tokenizer and writes the run's first files
+        splits = load_data(None)
+        cfg.model.vocab_size = splits.tokenizer.vocab_size
         run_dir.mkdir(parents=True, exist_ok=True)
         splits.tokenizer.save(run_dir / TOKENIZER_FILE)
         save_config(cfg, run_dir / CONFIG_FILE)
-        layout.barrier()
+        return splits
+
+    if resume:
+        splits = load_data(tokenizer)
+    else:  # the other processes wait for the main one, then read its tokenizer
+        splits = run_on_main(layout, start_run)
+        if not main:
+            splits = load_data(load_tokenizer(run_dir / TOKENIZER_FILE))
+    cfg.model.vocab_size = splits.tokenizer.vocab_size
 
     torch.manual_seed(cfg.train.seed)
     data_gen = torch.Generator().manual_seed(cfg.train.seed)
