@@ -17,11 +17,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 from samoe.config import load_config
+from samoe.data.dataset import TokenStream
+from samoe.eval.perplexity import evaluate
 from samoe.model.gpt import GPT
 from samoe.moe.expert_parallel import take_shard
 from samoe.train import distributed
@@ -261,3 +264,24 @@ def test_an_error_on_the_main_process_is_one_line_from_all_of_them(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [f"samoe: error: data path '{tmp_path / 'missing.txt'}' does not exist"]
     assert not (tmp_path / "run").exists()
+
+
+def test_evaluation_shares_batches_and_every_process_calls_the_model_equally_often():
+    """5 batches over 3 processes: totals equal one process's; each process forwards twice."""
+    cfg = load_config(preset="tiny", overrides=["model.block_size=16"])
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    stream = TokenStream(np.random.default_rng(0).integers(0, cfg.model.vocab_size, 16 * 10 + 1))
+    token_bytes = np.ones(cfg.model.vocab_size, dtype=np.int64)
+    whole = evaluate(model, stream, token_bytes, batch_size=2)
+    partial_totals, calls = [], []
+    for rank in range(3):
+        n = []
+        hook = model.register_forward_hook(lambda *_: n.append(1))
+        evaluate(model, stream, token_bytes, batch_size=2, shard=(rank, 3), all_sum=lambda t: partial_totals.append(t) or t)
+        hook.remove()
+        calls.append(len(n))
+    total = sum(partial_totals)
+    assert calls == [2, 2, 2]
+    assert int(total[1]) == whole["val_tokens"] == 160
+    assert float(total[0]) / int(total[1]) == pytest.approx(whole["val_loss"], rel=1e-6)

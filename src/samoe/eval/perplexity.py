@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from contextlib import nullcontext
 
 import numpy as np
@@ -14,24 +15,41 @@ from samoe.model.gpt import GPT
 
 @torch.no_grad()
 def evaluate(model: GPT, stream: TokenStream, token_bytes: np.ndarray, batch_size: int,
-             max_tokens: int | None = None, autocast=nullcontext) -> dict[str, float]:
+             max_tokens: int | None = None, autocast=nullcontext, shard: tuple[int, int] = (0, 1),
+             all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
     """Score every target of stream.eval_batches once (non-overlapping windows of the
     model's block size): mean NLL in nats (val_loss), exp of it (val_ppl), bits per UTF-8 byte
-    (val_bpb), and the unigram perplexity of the same targets (the bar to beat)."""
+    (val_bpb), and the unigram perplexity of the same targets (the bar to beat).
+
+    Across W processes (shard = (r, W)) process r scores batches r, r + W, ... and `all_sum`
+    adds the totals up. Every process runs the model equally often, as expert parallelism's
+    all-to-alls need: one short of a batch scores the first batch again and counts it zero times."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     seq_len = model.cfg.block_size
-    nll, n_tokens, n_bytes, targets = 0.0, 0, 0, []
-    for x, y in stream.eval_batches(batch_size, seq_len, max_tokens):
+    rank, world = shard
+    n_batches = -(-stream.num_eval_windows(seq_len, max_tokens) // batch_size)
+    rounds = -(-n_batches // world)
+    totals = torch.zeros(3, dtype=torch.float64)  # nll, tokens, bytes
+    batches, targets = stream.eval_batches(batch_size, seq_len, max_tokens), []
+    first = None
+    for i in range(rounds * world):
+        x, y = next(batches) if i < n_batches else first
+        first = first or (x, y)
+        if i < n_batches:
+            targets.append(y.numpy().ravel())
+        if i % world != rank:
+            continue
         with autocast():
             logits = model(x.to(device)).logits
-        losses = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
-        nll += float(losses)
-        n_tokens += y.numel()
-        n_bytes += int(token_bytes[y.numpy()].sum())
-        targets.append(y.numpy().ravel())
+        if i < n_batches:
+            nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
+            totals += torch.tensor([float(nll), y.numel(), int(token_bytes[y.numpy()].sum())], dtype=torch.float64)
+    if all_sum is not None:
+        totals = all_sum(totals)
     model.train(was_training)
+    nll, n_tokens, n_bytes = float(totals[0]), int(totals[1]), int(totals[2])
     loss = nll / n_tokens
     return {
         "val_loss": loss,

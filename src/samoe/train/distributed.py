@@ -254,13 +254,19 @@ def seed_process(seed: int, layout: Layout) -> None:
         torch.manual_seed(seed + 1_000_003 * layout.rank)
 
 
+def all_sum(t: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """t summed over all processes (a CPU tensor in, a CPU tensor out)."""
+    if layout.world == 1:
+        return t
+    t = t.to(layout.device)
+    dist.all_reduce(t)
+    return t.cpu()
+
+
 def all_mean(values: dict[str, float], layout: Layout) -> dict[str, float]:
     """Per-process numbers averaged over all processes (one all-reduce)."""
-    if layout.world == 1:
-        return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64, device=layout.device)
-    dist.all_reduce(t)
-    return dict(zip(values, (t / layout.world).tolist()))
+    total = all_sum(torch.tensor(list(values.values()), dtype=torch.float64), layout)
+    return dict(zip(values, (total / layout.world).tolist()))
 
 
 def shutdown(layout: Layout) -> None:

@@ -37,7 +37,7 @@ from samoe.eval.perplexity import evaluate
 from samoe.fileio import write_text_atomic
 from samoe.model.gpt import GPT
 from samoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from samoe.train.distributed import (Layout, all_mean, run_on_main, clip_grad_norm, full_experts, full_optimizer_state,
+from samoe.train.distributed import (Layout, all_mean, all_sum, run_on_main, clip_grad_norm, full_experts, full_optimizer_state,
                                      gather_rng_states, init_layout, reduce_expert_grads, reset_a2a_bytes,
                                      seed_process, shard_experts, shard_optimizer_state, shutdown, step_a2a_bytes,
                                      sync_router_loads, wrap_ddp)
@@ -180,7 +180,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Lay
     micro = t.micro_batch_size or local_batch
     tokens_per_step = t.batch_size * cfg.model.block_size
     token_bytes = splits.tokenizer.token_bytes()
-    evaluate_val = partial(evaluate, model, splits.val, token_bytes, micro, t.eval_tokens, autocast)
+    evaluate_val = partial(evaluate, model, splits.val, token_bytes, micro, t.eval_tokens, autocast,
+                           shard=(layout.rank, layout.world), all_sum=partial(all_sum, layout=layout))
 
     if main:  # only now: a user error above prints one line
         print(f"run directory: {run_dir}" + (f" ({layout.world} processes, ep = {t.ep})" if layout.world > 1 else ""),
