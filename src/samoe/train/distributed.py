@@ -2,7 +2,8 @@
 
 Layout: W processes form W/P expert-parallel groups of P = train.ep consecutive ranks. A group
 shares one copy of the experts, each process holding E/P of every layer
-(moe/expert_parallel.py); the W/P copies are replicas (a "dp" group per shard). Everything that is not an expert is replicated on all W.
+(moe/expert_parallel.py); the W/P copies are replicas (a "dp" group per shard). Everything
+that is not an expert is replicated on all W processes.
 
 The configured batch is the global batch: every process draws the same window offsets and
 keeps its 1/W slice, so a run's data, hyperparameters and results do not depend on W (with
@@ -91,8 +92,8 @@ def check_layout(cfg: Config, world: int) -> None:
 
 
 def init_layout(cfg: Config, device: torch.device) -> tuple[Layout, torch.device]:
-    """Join the process group torchrun describes (RANK, WORLD_SIZE, ...) and build the mesh;
-    nccl on GPU, gloo on CPU. Returns the layout and this process's device."""
+    """Join the process group torchrun describes (RANK, WORLD_SIZE, ...) and make the ep and dp
+    groups; nccl on GPU, gloo on CPU. Returns the layout and this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(cfg, world)
     if world == 1:
@@ -133,6 +134,7 @@ def wrap_ddp(model: nn.Module, layout: Layout, device: torch.device) -> nn.Modul
     """DDP over the replicated parameters (expert shards are left to reduce_expert_grads)."""
     if layout.world == 1:
         return model
+    # DDP's (private, long-standing) way to leave parameters out of its reduction
     DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(layout.expert_axes))
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    forward_sync_buffers=False)  # buffers change identically everywhere
