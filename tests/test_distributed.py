@@ -12,9 +12,11 @@ import copy
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -285,3 +287,23 @@ def test_evaluation_shares_batches_and_every_process_calls_the_model_equally_oft
     assert calls == [2, 2, 2]
     assert int(total[1]) == whole["val_tokens"] == 160
     assert float(total[0]) / int(total[1]) == pytest.approx(whole["val_loss"], rel=1e-6)
+
+
+def test_ctrl_c_stops_every_process_quietly_and_the_run_resumes(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus.txt")
+    run = tmp_path / "run"
+    env = {**os.environ, "SAMOE_CACHE": str(tmp_path / "cache")}
+    args = _run_args(corpus, run, 100000, "train.ckpt_every=2")
+    proc = subprocess.Popen([sys.executable, "-m", "samoe", *args, "--nproc", "2", "--ep", "2"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "latest").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole process group
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "Traceback" not in stderr and stderr.count("samoe: interrupted") == 1, stderr
+    step = int((run / "checkpoints" / "latest").read_text().split("-")[1])
+    done = _samoe("train", "--resume", "--out", str(run), "--quiet", f"--max-steps={step + 2}", "train.ep=1", env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((run / "summary.json").read_text())["steps"] == step + 2

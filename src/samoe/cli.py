@@ -78,6 +78,7 @@ def launch(args, cfg, run_dir: Path) -> int:
     import logging
     import uuid
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -90,7 +91,9 @@ def launch(args, cfg, run_dir: Path) -> int:
     if not args.out and not args.resume_dir:
         argv += ["--out", str(run_dir)]  # one run directory for all processes
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)  # the processes report for themselves
+    for name in list(logging.root.manager.loggerDict):  # the processes report for themselves
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
     try:
@@ -98,6 +101,8 @@ def launch(args, cfg, run_dir: Path) -> int:
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
         return EXIT_USER_ERROR if EXIT_USER_ERROR in codes else 1
+    except SignalException:  # Ctrl-C: the launcher has stopped the processes, which said so
+        return 130
     return 0
 
 
@@ -394,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"samoe: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        print("samoe: interrupted", file=sys.stderr)
+        if not int(os.environ.get("RANK", "0")):
+            print("samoe: interrupted", file=sys.stderr)
         return 130
 
 
