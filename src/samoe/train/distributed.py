@@ -99,7 +99,11 @@ def init_layout(cfg: Config, device: torch.device) -> tuple[Layout, torch.device
     if world == 1:
         return Layout(device=device), device
     if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"process {local} of this machine has no GPU of its own ({torch.cuda.device_count()} "
+                              "visible); start at most one process per GPU, or pass --device cpu")
+        device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
