@@ -99,11 +99,11 @@ def init_layout(cfg: Config, device: torch.device) -> tuple[Layout, torch.device
     if world == 1:
         return Layout(device=device), device
     if device.type == "cuda":
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        if local >= torch.cuda.device_count():
-            raise ConfigError(f"process {local} of this machine has no GPU of its own ({torch.cuda.device_count()} "
-                              "visible); start at most one process per GPU, or pass --device cpu")
-        device = torch.device("cuda", local)
+        per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        if per_machine > torch.cuda.device_count():  # every process sees this, so process 0 reports it
+            raise ConfigError(f"{per_machine} processes on this machine but {torch.cuda.device_count()} GPUs; "
+                              "start at most one process per GPU, or pass --device cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(minutes=30))
