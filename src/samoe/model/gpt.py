@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from samoe.config import ModelConfig, expert_hidden, experts_per_layer, ffn_hidden, moe_layer_ids
 from samoe.model.ffn import FeedForward
+from samoe.moe.expert_parallel import ExpertParallel
 from samoe.moe.experts import ExpertWeights, PoolMixture, SharedBank
 from samoe.moe.layer import MoEFeedForward
 from samoe.moe.routers import HashRouter, TopKRouter, build_router
@@ -86,9 +87,12 @@ class GPTOutput:
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ep: ExpertParallel | None = None):
+        """`ep`: this process's place in an expert-parallel group; it then holds only its share
+        of every expert tensor (moe/expert_parallel.py), the rest of the model whole."""
         super().__init__()
         self.cfg = cfg
+        self.ep = ep
         moe = cfg.moe
         d, L = cfg.d_model, cfg.n_layers
         self.wte = nn.Embedding(cfg.vocab_size, d)
@@ -102,9 +106,9 @@ class GPT(nn.Module):
         f_exp = expert_hidden(cfg)
         self.expert_pool = self.expert_bank = None
         if moe_ids and moe.sharing == "pool":
-            self.expert_pool = ExpertWeights((moe.pool.size,), max(n_experts), d, f_exp, cfg.activation, L)
+            self.expert_pool = ExpertWeights((moe.pool.size,), max(n_experts), d, f_exp, cfg.activation, L, ep)
         elif moe_ids and moe.sharing == "shared":
-            self.expert_bank = ExpertWeights((), moe.shared_experts, d, f_exp, cfg.activation, L)
+            self.expert_bank = ExpertWeights((), moe.shared_experts, d, f_exp, cfg.activation, L, ep)
 
         blocks = []
         for i in range(L):
@@ -128,15 +132,15 @@ class GPT(nn.Module):
     def _moe_ffn(self, pos: int, n_moe: int, num_experts: int, hidden: int) -> MoEFeedForward:
         cfg, moe = self.cfg, self.cfg.moe
         if moe.sharing == "pool":
-            experts = PoolMixture(self.expert_pool, num_experts, moe.pool, pos, n_moe)
+            experts = PoolMixture(self.expert_pool, num_experts, moe.pool, pos, n_moe, self.ep)
         elif moe.sharing == "shared":
             experts = SharedBank(self.expert_bank)
         else:
-            experts = ExpertWeights((), num_experts, cfg.d_model, hidden, cfg.activation, cfg.n_layers)
+            experts = ExpertWeights((), num_experts, cfg.d_model, hidden, cfg.activation, cfg.n_layers, self.ep)
         router = build_router(moe, cfg.d_model, num_experts, cfg.vocab_size)
         residual = (FeedForward(cfg.d_model, ffn_hidden(cfg), cfg.activation, cfg.n_layers, cfg.dropout)
                     if moe.residual else None)
-        return MoEFeedForward(router, experts, cfg.activation, residual)
+        return MoEFeedForward(router, experts, cfg.activation, residual, self.ep)
 
     def moe_layers(self) -> list[MoEFeedForward]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFeedForward)]

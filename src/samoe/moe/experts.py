@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from samoe.config import PoolConfig
+from samoe.moe.expert_parallel import ExpertParallel, take_shard
 from samoe.moe.grouped import ExpertSource
 
 ExpertTensors = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -31,19 +32,23 @@ ExpertTensors = tuple[Tensor, Tensor, Tensor, Tensor]
 class ExpertWeights(nn.Module):
     """A stack of expert FFN weights with leading dims `lead` (() for one layer, (K,) for a pool).
 
-    forward() returns (W1, b1, W2, b2) for a stack without leading dims.
+    forward() returns (W1, b1, W2, b2) for a stack without leading dims. With `ep` (expert
+    parallelism) only this process's experts p, p + P, ... are kept: each tensor is drawn
+    whole, as on one process, and cut at once, so processes agree with a single one and
+    never hold more than one whole tensor.
     """
 
     def __init__(self, lead: tuple[int, ...], num_experts: int, d_model: int, hidden: int,
-                 activation: str, n_layers: int):
+                 activation: str, n_layers: int, ep: ExpertParallel | None = None):
         super().__init__()
         h = 2 * hidden if activation == "swiglu" else hidden
-        self.w1 = nn.Parameter(torch.empty(*lead, num_experts, d_model, h))
-        self.b1 = nn.Parameter(torch.zeros(*lead, num_experts, h))
-        self.w2 = nn.Parameter(torch.empty(*lead, num_experts, hidden, d_model))
-        self.b2 = nn.Parameter(torch.zeros(*lead, num_experts, d_model))
-        nn.init.normal_(self.w1, std=0.02)
-        nn.init.normal_(self.w2, std=0.02 / math.sqrt(2 * n_layers))  # GPT-2 residual scaling
+        self.expert_axis = len(lead)
+        keep = (lambda t: nn.Parameter(take_shard(t, self.expert_axis, ep))) if ep is not None else nn.Parameter
+        self.w1 = keep(nn.init.normal_(torch.empty(*lead, num_experts, d_model, h), std=0.02))
+        self.b1 = keep(torch.zeros(*lead, num_experts, h))
+        self.w2 = keep(nn.init.normal_(torch.empty(*lead, num_experts, hidden, d_model),
+                                       std=0.02 / math.sqrt(2 * n_layers)))  # GPT-2 residual scaling
+        self.b2 = keep(torch.zeros(*lead, num_experts, d_model))
 
     def forward(self) -> ExpertTensors:
         return self.w1, self.b1, self.w2, self.b2
@@ -79,11 +84,12 @@ class PoolMixture(nn.Module):
     ("pyramid") use the pool's first E experts.
     """
 
-    def __init__(self, pool: ExpertWeights, num_experts: int, cfg: PoolConfig, layer: int, n_moe_layers: int):
+    def __init__(self, pool: ExpertWeights, num_experts: int, cfg: PoolConfig, layer: int, n_moe_layers: int,
+                 ep: ExpertParallel | None = None):
         super().__init__()
         self._pool = (pool,)
         self.num_experts = num_experts
-        self.shard = (0, 1)  # (p, P): this process holds experts p, p + P, ... (expert parallelism)
+        self.shard = (ep.rank, ep.size) if ep is not None else (0, 1)  # this process holds experts p, p + P, ...
         self.temperature = cfg.temperature
         shape = (cfg.size,) if cfg.granularity == "layer" else (num_experts, cfg.size)
         logits = initial_coefficient_logits(cfg, shape, layer, n_moe_layers)
@@ -106,8 +112,8 @@ class PoolMixture(nn.Module):
     def source(self) -> ExpertSource:
         """The pool and c_l, for the fast path to combine one expert at a time.
 
-        Under expert parallelism (`shard` = (p, P), set by moe/expert_parallel.py) the pool
-        holds experts p, p + P, ... and so do the returned coefficients."""
+        Under expert parallelism (`shard` = (p, P)) the pool holds experts p, p + P, ... and so
+        do the returned coefficients."""
         p, P = self.shard
         E = self.num_experts // P  # slice only for pyramid layers: a full slice would cost a gradient copy
         c = self.coefficients()

@@ -48,7 +48,8 @@ class MoEFeedForward(nn.Module):
         y = p0 · moe(x) + p1 · ffn(x),   (p0, p1) = softmax(x · W_c)
     """
 
-    def __init__(self, router: nn.Module, experts: nn.Module, activation: str, residual: FeedForward | None = None):
+    def __init__(self, router: nn.Module, experts: nn.Module, activation: str, residual: FeedForward | None = None,
+                 ep: ExpertParallel | None = None):
         super().__init__()
         self.router = router
         self.experts = experts
@@ -56,7 +57,7 @@ class MoEFeedForward(nn.Module):
         self.residual = residual
         self.residual_coef = nn.Linear(residual.fc1.in_features, 2) if residual is not None else None
         self.last_stats: dict[str, Tensor] = {}
-        self.ep: ExpertParallel | None = None  # set by shard_experts: experts spread over processes
+        self.ep = ep  # experts spread over the processes of an expert-parallel group
         self.a2a_bytes = 0  # bytes sent to other processes by forwards since the last reset
 
     def forward(self, x: Tensor, token_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:

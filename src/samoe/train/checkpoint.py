@@ -22,12 +22,13 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
-from torch import nn
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file, save_model
+from torch import Tensor, nn
 
 from samoe.errors import CheckpointError
 from samoe.fileio import write_text_atomic
@@ -35,8 +36,10 @@ from samoe.fileio import write_text_atomic
 WEIGHTS, STATE, LATEST = "model.safetensors", "state.pt", "latest"
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict, keep: int = 2) -> Path:
-    """Write weights + `state` (tensors, numbers, strings, dicts of those) for `step`."""
+def save_checkpoint(run_dir: Path, step: int, weights: nn.Module | dict[str, Tensor], state: dict,
+                    keep: int = 2) -> Path:
+    """Write weights (a model, or its tensors by name with tied ones once) + `state` (tensors,
+    numbers, strings, dicts of those) for `step`."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
@@ -45,7 +48,10 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict, kee
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it 0700
-        save_model(model, str(tmp / WEIGHTS))
+        if isinstance(weights, nn.Module):
+            save_model(weights, str(tmp / WEIGHTS))
+        else:
+            save_file(weights, str(tmp / WEIGHTS))
         torch.save({**state, "step": step, "weights_sha256": _sha256(tmp / WEIGHTS)}, tmp / STATE)
         for f in tmp.iterdir():
             with open(f, "rb") as fh:
@@ -73,9 +79,13 @@ def latest_checkpoint(run_dir: Path) -> Path:
     return path
 
 
-def load_checkpoint(path: Path, model: nn.Module, device: torch.device | str = "cpu") -> dict:
+def load_checkpoint(path: Path, model: nn.Module, device: torch.device | str = "cpu",
+                    reshard: Callable[[str, Tensor], Tensor] | None = None) -> dict:
     """Verify the checkpoint, load weights into model (strictly: same keys and shapes) and
-    return the state dict. CheckpointError if either file is corrupt, truncated or missing."""
+    return the state dict. CheckpointError if either file is corrupt, truncated or missing.
+
+    Weights are read one tensor at a time; `reshard(name, tensor)` may cut each to what this
+    process holds (expert parallelism)."""
     path = Path(path)
     try:
         with zipfile.ZipFile(path / STATE) as z:  # torch.load does not check the CRC-32s
@@ -89,13 +99,30 @@ def load_checkpoint(path: Path, model: nn.Module, device: torch.device | str = "
         expected = state.get("weights_sha256") if isinstance(state, dict) else None
         if expected is not None and _sha256(path / WEIGHTS) != expected:
             raise ValueError("SHA-256 differs from the one recorded in state.pt")
-        missing, unexpected = load_model(model, str(path / WEIGHTS), strict=False, device=str(device))
+        _load_weights(path / WEIGHTS, model, reshard or (lambda name, t: t))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"checkpoint weights '{path / WEIGHTS}' are corrupt or unreadable: {first_line(e)}") from None
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint '{path}' does not match the model: missing {sorted(missing)[:3]}, "
-                              f"unexpected {sorted(unexpected)[:3]}")
     return state
+
+
+def _load_weights(file: Path, model: nn.Module, reshard: Callable[[str, Tensor], Tensor]) -> None:
+    """Copy each stored tensor into the model's. A model tensor the file lacks is fine when it
+    shares storage with a stored one (tied weights are stored once)."""
+    own = model.state_dict()  # parameters (detached, same storage) and persistent buffers
+    with safe_open(str(file), framework="pt") as f:
+        stored = set(f.keys())
+        ptrs = {own[n].data_ptr() for n in stored if n in own}
+        missing = sorted(n for n in own if n not in stored and own[n].data_ptr() not in ptrs)
+        unexpected = sorted(stored - own.keys())
+        if missing or unexpected:
+            raise CheckpointError(f"checkpoint '{file.parent}' does not match the model: missing {missing[:3]}, "
+                                  f"unexpected {unexpected[:3]}")
+        for name in sorted(stored):
+            tensor = reshard(name, f.get_tensor(name))
+            if tensor.shape != own[name].shape:
+                raise CheckpointError(f"checkpoint '{file.parent}' does not match the model: {name} has shape "
+                                      f"{list(tensor.shape)}, the model {list(own[name].shape)}")
+            own[name].copy_(tensor)
 
 
 def _sha256(path: Path) -> str:

@@ -22,7 +22,6 @@ load, so a run moves freely between process counts and expert-parallel sizes.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -34,8 +33,7 @@ from torch.nn.parallel import DistributedDataParallel
 from samoe.config import Config
 from samoe.errors import ConfigError, UserError
 from samoe.moe.expert_parallel import ExpertParallel, gather_shards, take_shard
-from samoe.moe.experts import ExpertWeights, PoolMixture
-from samoe.moe.layer import MoEFeedForward
+from samoe.moe.experts import ExpertWeights
 
 
 @dataclass
@@ -117,21 +115,19 @@ def init_layout(cfg: Config, device: torch.device) -> tuple[Layout, torch.device
     return Layout(world, rank, device, ep, dp_groups[rank % P]), device
 
 
-def shard_experts(model: nn.Module, layout: Layout) -> None:
-    """Keep only this process's experts of every expert tensor (the full model was built
-    identically on every process); tell the MoE layers and pool mixtures about it."""
+def expert_axes(model: nn.Module) -> dict[str, int]:
+    """Name -> expert axis of every expert tensor (those an expert-parallel process holds a
+    share of)."""
+    return {f"{name}.{pname}" if name else pname: module.expert_axis
+            for name, module in model.named_modules() if isinstance(module, ExpertWeights)
+            for pname, _ in module.named_parameters(recurse=False)}
+
+
+def reshard(layout: Layout):
+    """For load_checkpoint: cut a stored (whole) expert tensor to this process's experts."""
     if layout.ep is None:
-        return
-    for name, module in model.named_modules():
-        if isinstance(module, ExpertWeights):
-            axis = module.w1.dim() - 3  # [*lead, E, d, h]
-            for pname, p in list(module.named_parameters(recurse=False)):
-                setattr(module, pname, nn.Parameter(take_shard(p.detach(), axis, layout.ep), p.requires_grad))
-                layout.expert_axes[f"{name}.{pname}" if name else pname] = axis
-        elif isinstance(module, PoolMixture):
-            module.shard = (layout.ep.rank, layout.ep.size)
-        elif isinstance(module, MoEFeedForward):
-            module.ep = layout.ep
+        return None
+    return lambda name, t: take_shard(t, layout.expert_axes[name], layout.ep) if name in layout.expert_axes else t
 
 
 def wrap_ddp(model: nn.Module, layout: Layout, device: torch.device) -> nn.Module:
@@ -198,22 +194,25 @@ def reset_a2a_bytes(model: nn.Module) -> None:
         layer.a2a_bytes = 0
 
 
-@contextmanager
-def full_experts(model: nn.Module, layout: Layout):
-    """On the main process, swap the full (gathered) expert tensors in for the shards while
-    the block runs, so the model saves as the single-process model does."""
-    swapped = []
-    if layout.ep is not None and layout.rank < layout.ep.size:  # the first ep group holds every shard
-        for name, p in _expert_params(model, layout):
-            full = gather_shards(p.data, layout.expert_axes[name], layout.ep)
-            if full is not None:
-                swapped.append((p, p.data))
-                p.data = full
-    try:
-        yield
-    finally:
-        for p, shard in swapped:
-            p.data = shard
+def full_weights(model: nn.Module, layout: Layout) -> nn.Module | dict[str, torch.Tensor] | None:
+    """What the main process saves: the model itself, or under expert parallelism its tensors
+    by name (tied ones once) with the expert shards gathered into whole tensors one at a time,
+    in CPU memory. None on the other processes; the first ep group takes part."""
+    if layout.ep is None:
+        return model if layout.is_main else None
+    if layout.rank >= layout.ep.size:
+        return None
+    out, taken = {}, set()
+    for name, t in model.state_dict().items():
+        if name in layout.expert_axes:
+            t = gather_shards(t, layout.expert_axes[name], layout.ep)  # every member of the group takes part
+        elif t.data_ptr() in taken:  # tied to a tensor already taken
+            continue
+        else:
+            taken.add(t.data_ptr())
+        if layout.is_main:
+            out[name] = t.cpu().contiguous()
+    return out if layout.is_main else None
 
 
 def _map_expert_moments(state: dict, optimizer: torch.optim.Optimizer, model: nn.Module, layout: Layout, fn) -> dict:
@@ -231,10 +230,15 @@ def _map_expert_moments(state: dict, optimizer: torch.optim.Optimizer, model: nn
 
 def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, layout: Layout) -> dict | None:
     """The optimiser state as a single process would hold it, on the main process (None
-    elsewhere); every process of the first ep group takes part."""
+    elsewhere; the expert moments gathered whole into CPU memory); every process of the first
+    ep group takes part."""
+    def gather_to_cpu(t, axis, ep):  # whole moments one at a time, kept in CPU memory
+        whole = gather_shards(t, axis, ep)
+        return whole.cpu() if whole is not None else None
+
     state = optimizer.state_dict()
     if layout.ep is not None and layout.rank < layout.ep.size:
-        state = _map_expert_moments(state, optimizer, model, layout, gather_shards)
+        state = _map_expert_moments(state, optimizer, model, layout, gather_to_cpu)
     return state if layout.is_main else None
 
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from samoe.analysis.flops import run_summary_flops
-from samoe.analysis.params import count_params
+from samoe.analysis.params import count_config_params
 from samoe.config import Config, load_config, save_config
 from samoe.data.prepare import load_splits
 from samoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
@@ -37,10 +37,10 @@ from samoe.eval.perplexity import evaluate
 from samoe.fileio import write_text_atomic
 from samoe.model.gpt import GPT
 from samoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from samoe.train.distributed import (Layout, all_mean, all_sum, run_on_main, clip_grad_norm, full_experts, full_optimizer_state,
-                                     gather_rng_states, init_layout, reduce_expert_grads, reset_a2a_bytes,
-                                     seed_process, shard_experts, shard_optimizer_state, shutdown, step_a2a_bytes,
-                                     sync_router_loads, wrap_ddp)
+from samoe.train.distributed import (Layout, all_mean, all_sum, clip_grad_norm, expert_axes, full_optimizer_state,
+                                     full_weights, gather_rng_states, init_layout, reduce_expert_grads,
+                                     reset_a2a_bytes, reshard, run_on_main, seed_process, shard_optimizer_state,
+                                     shutdown, step_a2a_bytes, sync_router_loads, wrap_ddp)
 from samoe.train.optim import build_optimizer, lr_at
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
@@ -150,13 +150,13 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Lay
 
     torch.manual_seed(cfg.train.seed)
     data_gen = torch.Generator().manual_seed(cfg.train.seed)
-    model = GPT(cfg.model).to(device)  # the whole model on every process, identical; then sharded
+    model = GPT(cfg.model, layout.ep).to(device)  # identical on every process but for the expert shards
+    layout.expert_axes = expert_axes(model) if layout.ep is not None else {}
     if cfg.model.moe.hash_map == "balanced" and not resume:
         model.set_token_frequencies(torch.from_numpy(np.bincount(splits.train.tokens, minlength=cfg.model.vocab_size)))
-    params = count_params(model)
+    params = count_config_params(cfg.model)  # the whole model's, whatever this process holds
     if resume:
-        state = load_checkpoint(ckpt, model, device)
-    shard_experts(model, layout)
+        state = load_checkpoint(ckpt, model, device, reshard(layout))
     seed_process(cfg.train.seed, layout)
     ddp = wrap_ddp(model, layout, device)
     optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda")
@@ -239,9 +239,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Lay
             bar.update(1)
             if step % t.ckpt_every == 0 or step == t.max_steps:
                 state = {"optimizer": full_optimizer_state(optimizer, model, layout), "rng": _rng_state(data_gen, layout)}
-                with full_experts(model, layout):
-                    if main:
-                        save_checkpoint(run_dir, step, model, state)
+                weights = full_weights(model, layout)
+                if main:
+                    save_checkpoint(run_dir, step, weights, state)
                 layout.barrier()
     finally:
         if metrics is not None:
