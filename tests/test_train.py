@@ -15,6 +15,7 @@ import torch
 
 from samoe.cli import main
 from samoe.config import load_config
+from samoe.errors import CheckpointError
 from samoe.model.gpt import GPT
 from samoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from samoe.train.optim import build_optimizer, decays, lr_at
@@ -78,6 +79,7 @@ def test_sigkill_then_resume_logs_the_same_metrics_as_an_uninterrupted_run(tmp_p
 KILL_DURING_SAVE = """
 import os, signal, sys, torch
 from samoe.config import load_config
+from samoe.errors import CheckpointError
 from samoe.model.gpt import GPT
 from samoe.train import checkpoint
 model = GPT(load_config(preset="tiny").model)
@@ -109,6 +111,25 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_pat
     save_checkpoint(tmp_path, 30, model, {})  # the next save clears the debris of the killed one
     assert not list((tmp_path / "checkpoints").glob(".*tmp"))
     assert latest_checkpoint(tmp_path).name == "step-000030"
+
+
+def test_checkpoint_loads_tensor_by_tensor_with_tied_weights_and_checks_shapes(tmp_path):
+    cfg = load_config(preset="tiny")
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    assert model.lm_head.weight is model.wte.weight  # stored once
+    ckpt = save_checkpoint(tmp_path, 1, model, {})
+    fresh = GPT(cfg.model)
+    load_checkpoint(ckpt, fresh)
+    assert fresh.lm_head.weight is fresh.wte.weight and torch.equal(fresh.wte.weight, model.wte.weight)
+    # a reshard hook sees every stored tensor whole and decides what this model holds
+    seen = []
+    load_checkpoint(ckpt, GPT(cfg.model), reshard=lambda name, t: seen.append(name) or t)
+    assert len(seen) == len(set(seen)) == len(model.state_dict()) - 1
+    assert len({"wte.weight", "lm_head.weight"} & set(seen)) == 1
+    other = GPT(load_config(preset="tiny", overrides=["model.moe.pool.size=3"]).model)
+    with pytest.raises(CheckpointError, match=r"does not match the model: expert_pool.b1 has shape \[2, 4, 256\], the model \[3, 4, 256\]"):
+        load_checkpoint(ckpt, other)
 
 
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine_to_min_lr():
