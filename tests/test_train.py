@@ -128,7 +128,7 @@ def test_checkpoint_loads_tensor_by_tensor_with_tied_weights_and_checks_shapes(t
     assert len(seen) == len(set(seen)) == len(model.state_dict()) - 1
     assert len({"wte.weight", "lm_head.weight"} & set(seen)) == 1
     other = GPT(load_config(preset="tiny", overrides=["model.moe.pool.size=3"]).model)
-    with pytest.raises(CheckpointError, match=r"does not match the model: expert_pool.b1 has shape \[2, 4, 256\], the model \[3, 4, 256\]"):
+    with pytest.raises(CheckpointError, match=r"does not match the model: blocks.0.ffn.experts.coef_logits has shape \[2\], the model \[3\]"):
         load_checkpoint(ckpt, other)
 
 
