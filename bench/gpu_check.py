@@ -30,26 +30,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 from samoe.bench.layers import Shape, fwd_bwd, moe_model  # noqa: E402
 from samoe.config import load_config  # noqa: E402
-from samoe.model.ffn import FeedForward, activate  # noqa: E402
+from samoe.model.ffn import FeedForward  # noqa: E402
 from samoe.model.gpt import GPT  # noqa: E402
 from samoe.moe.grouped import ExpertSource, grouped_expert_ffn  # noqa: E402
-
-
-def naive_grouped(x, counts, w1, b1, w2, b2, coef, activation):
-    """The grouped FFN as a loop of autograd ops, weights combined up front."""
-    if coef is not None:
-        spec = "k" if coef.dim() == 1 else "ek"
-        w1, b1, w2, b2 = (torch.einsum(f"{spec},ke...->e...", coef, w) for w in (w1, b1, w2, b2))
-    out, start = [], 0
-    for e, n in enumerate(counts):
-        rows = x[start:start + n]
-        out.append(activate(rows @ w1[e] + b1[e], activation) @ w2[e] + b2[e])
-        start += n
-    return torch.cat(out)
+from test_grouped import reference  # noqa: E402
 
 
 def check_grouped(device: str, small: bool) -> list[dict]:
@@ -69,7 +58,8 @@ def check_grouped(device: str, small: bool) -> list[dict]:
                 x = torch.randn(sum(counts), d, generator=gen, dtype=torch.float64)
                 gy = torch.randn(sum(counts), d, generator=gen, dtype=torch.float64)
                 ref_in = [t.clone().requires_grad_() for t in (x, *ws)] + ([coef.clone().requires_grad_()] if pooled else [])
-                y_ref = naive_grouped(ref_in[0], counts, *ref_in[1:5], ref_in[5] if pooled else None, activation)
+                y_ref = reference(ref_in[0], counts, ExpertSource(*ref_in[1:5], coef=ref_in[5] if pooled else None),
+                                  activation)  # the tests' loop over experts, in float64 on the CPU
                 ref_grads = torch.autograd.grad((y_ref * gy).sum(), ref_in)
                 dev_in = [t.to(device, torch.float32).requires_grad_() for t in ref_in]
                 with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
