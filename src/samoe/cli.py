@@ -65,12 +65,17 @@ def cmd_train(args) -> int:
     if args.nproc is not None and "WORLD_SIZE" not in os.environ:
         return launch(args, cfg, run_dir)
     summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
-    if int(os.environ.get("RANK", "0")):
+    if not _main_process():
         return 0
     print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.0f}s; "
           f"val_loss {summary['val_loss']:.4f}, val_ppl {summary['val_ppl']:.2f}, val_bpb {summary['val_bpb']:.3f} "
           f"(unigram ppl {summary['unigram_ppl']:.1f}); results in {run_dir}")
     return 0
+
+
+def _main_process() -> bool:
+    """True unless this is a process other than rank 0 of a torchrun launch (which stay quiet)."""
+    return not int(os.environ.get("RANK", "0"))
 
 
 def launch(args, cfg, run_dir: Path) -> int:
@@ -395,11 +400,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        if not int(os.environ.get("RANK", "0")):  # under torchrun every process hits the same error
+        if _main_process():  # under torchrun every process hits the same error
             print(f"samoe: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        if not int(os.environ.get("RANK", "0")):
+        if _main_process():
             print("samoe: interrupted", file=sys.stderr)
         return 130
 

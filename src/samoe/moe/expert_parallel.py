@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from samoe.moe.grouped import ExpertSource, grouped_expert_ffn
+from samoe.moe.grouped import ExpertSource, gated_sum, grouped_expert_ffn
 from samoe.moe.routers import Routing
 
 
@@ -54,10 +54,7 @@ def dispatch_ep(x: Tensor, routing: Routing, source: ExpertSource, activation: s
     """
     P, p = ep.size, ep.rank
     local = num_experts // P
-    T, k = routing.expert.shape
-    token = torch.arange(T, device=x.device).unsqueeze(1).expand(T, k)[routing.keep]
-    expert = routing.expert[routing.keep]
-    gate = routing.gate[routing.keep]
+    token, expert, gate = routing.kept_slots()
     dest_major = (expert % P) * local + expert // P  # slot order: destination, then its local expert
     order = torch.argsort(dest_major, stable=True)
     token, gate = token[order], gate[order]
@@ -82,8 +79,7 @@ def dispatch_ep(x: Tensor, routing: Routing, source: ExpertSource, activation: s
     row_bytes = x.shape[1] * x.element_size()
     sent = (sum(send_splits) - send_splits[p] + sum(recv_splits) - recv_splits[p]) * row_bytes
     sent += (P - 1) * local * send_counts.element_size()
-    y = returned * gate.unsqueeze(1).to(returned.dtype)
-    return torch.zeros(T, x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y).to(x.dtype), sent
+    return gated_sum(x, token, gate, returned), sent
 
 
 def take_shard(full: Tensor, axis: int, ep: ExpertParallel) -> Tensor:

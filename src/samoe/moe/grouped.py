@@ -147,3 +147,10 @@ class GroupedExpertFFN(torch.autograd.Function):
 def grouped_expert_ffn(x: Tensor, counts: list[int], source: ExpertSource, activation: str) -> Tensor:
     """y [N, d] for expert-sorted x [N, d] with counts[e] rows for expert e."""
     return GroupedExpertFFN.apply(x, counts, activation, source.coef, *source.tensors())
+
+
+def gated_sum(x: Tensor, token: Tensor, gate: Tensor, y: Tensor) -> Tensor:
+    """out [T, d] with out[t] = Σ_{rows i of token t} gate[i] · y[i]: expert outputs y [N, d] of
+    slots (token [N], gate [N]) added back onto x's [T, d] rows (zero where no slot), in x's dtype."""
+    y = y * gate.unsqueeze(1).to(y.dtype)
+    return torch.zeros(x.shape[0], x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y).to(x.dtype)

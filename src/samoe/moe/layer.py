@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from samoe.model.ffn import FeedForward
 from samoe.moe.expert_parallel import ExpertParallel, dispatch_ep
 from samoe.moe.experts import ExpertTensors
-from samoe.moe.grouped import ExpertSource, grouped_expert_ffn
+from samoe.moe.grouped import ExpertSource, gated_sum, grouped_expert_ffn
 from samoe.moe.routers import Routing
 
 
@@ -28,17 +28,11 @@ def dispatch(x: Tensor, routing: Routing, source: ExpertSource | ExpertTensors, 
     """
     if not isinstance(source, ExpertSource):
         source = ExpertSource(*source)
-    num_experts = source.w1.shape[-3]
-    T, k = routing.expert.shape
-    token = torch.arange(T, device=x.device).unsqueeze(1).expand(T, k)[routing.keep]
-    expert = routing.expert[routing.keep]
-    gate = routing.gate[routing.keep]
+    token, expert, gate = routing.kept_slots()
     order = torch.argsort(expert, stable=True)
     token, gate = token[order], gate[order]
-    counts = torch.bincount(expert, minlength=num_experts).tolist()
-    y = grouped_expert_ffn(x[token], counts, source, activation)
-    y = y * gate.unsqueeze(1).to(y.dtype)
-    return torch.zeros(T, x.shape[1], dtype=y.dtype, device=x.device).index_add_(0, token, y).to(x.dtype)
+    counts = torch.bincount(expert, minlength=source.w1.shape[-3]).tolist()
+    return gated_sum(x, token, gate, grouped_expert_ffn(x[token], counts, source, activation))
 
 
 class MoEFeedForward(nn.Module):

@@ -41,6 +41,12 @@ class Routing:
     probs: Tensor | None  # [T, E] fp32 router probabilities (None for hash routing)
     aux: dict[str, Tensor] = field(default_factory=dict)  # scalar losses
 
+    def kept_slots(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(token, expert, gate) of every kept slot, each [N], in token-major order."""
+        T, k = self.expert.shape
+        token = torch.arange(T, device=self.expert.device).unsqueeze(1).expand(T, k)[self.keep]
+        return token, self.expert[self.keep], self.gate[self.keep]
+
     def stats(self) -> dict[str, Tensor]:
         """Detached routing statistics: dropped-token fraction and mean router entropy."""
         with torch.no_grad():

@@ -179,11 +179,9 @@ def sync_router_loads(model: nn.Module, layout: Layout) -> None:
 
 
 def step_a2a_bytes(model: nn.Module, layout: Layout) -> int:
-    """Bytes all processes sent each other in all-to-alls since the last call (forward and
+    """Bytes all processes sent each other in all-to-alls since reset_a2a_bytes (forward and
     backward of one training step; the backward mirrors the forward)."""
-    sent = 0
-    for layer in model.moe_layers():
-        sent, layer.a2a_bytes = sent + 2 * layer.a2a_bytes, 0
+    sent = sum(2 * layer.a2a_bytes for layer in model.moe_layers())
     total = torch.tensor(float(sent), device=layout.device)
     dist.all_reduce(total)
     return int(total)
