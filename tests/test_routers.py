@@ -73,7 +73,7 @@ def claim_capacity(expert, keep, E, C):
 
 def ref_token_choice(x, W, k, cfg, training, bias=None, second_kept=None):
     """switch / gshard / topk: top-k of softmax (selection by probs + bias), gates renormalised
-    over the k chosen when k > 1, capacity unless dropless. second_kept: gshard's random routing."""
+    over the k chosen when k > 1, capacity unless dropless (or evaluating with eval_dropless). second_kept: gshard's random routing."""
     logits = ref_logits(x, W)
     T, E = len(logits), len(logits[0])
     probs = [softmax(row) for row in logits]
@@ -90,7 +90,7 @@ def ref_token_choice(x, W, k, cfg, training, bias=None, second_kept=None):
     if second_kept is not None:
         for t in range(T):
             keep[t][1] = bool(second_kept[t])
-    if not cfg.dropless:
+    if not (cfg.dropless or (not training and cfg.eval_dropless)):
         cf = cfg.capacity_factor if training else cfg.eval_capacity_factor
         keep = claim_capacity(expert, keep, E, cap_of(T, E, k, cf, cfg.min_capacity))
     gate = [[gate[t][j] if keep[t][j] else 0.0 for j in range(k)] for t in range(T)]
@@ -120,7 +120,7 @@ def ref_expert_choice(x, W, cfg):
 def ref_hash(token_ids, table, E, cfg, training):
     expert = [[int(table[int(i)])] for i in token_ids]
     keep = [[True] for _ in expert]
-    if not cfg.dropless:
+    if not (cfg.dropless or (not training and cfg.eval_dropless)):
         cf = cfg.capacity_factor if training else cfg.eval_capacity_factor
         keep = claim_capacity(expert, keep, E, cap_of(len(expert), E, 1, cf, cfg.min_capacity))
     gate = [[1.0 if kp[0] else 0.0] for kp in keep]
@@ -270,13 +270,26 @@ def test_token_choice_router_equals_naive_reference(router, k, case, dropless):
 
 
 @pytest.mark.parametrize("router,k", TOKEN_CHOICE)
-def test_token_choice_router_uses_eval_capacity_factor_in_eval(router, k):
-    r, cfg = make_router(router, 4, top_k=k, capacity_factor=0.5, eval_capacity_factor=1.0, min_capacity=0)
+def test_token_choice_router_uses_eval_capacity_factor_when_not_eval_dropless(router, k):
+    r, cfg = make_router(router, 4, top_k=k, capacity_factor=0.5, eval_capacity_factor=1.0, min_capacity=0,
+                         eval_dropless=False)
     x = inputs(32, skew_to=0)
     make_skewed(r, 0)
     routing = r.eval()(x)
     assert_matches(routing, ref_token_choice(x, r.weight, k, cfg, training=False))
     assert routing.keep[:, 0].sum() == cap_of(32, 4, k, 1.0, 0)  # expert 0 full at the eval capacity
+
+
+@pytest.mark.parametrize("router,k", TOKEN_CHOICE)
+def test_token_choice_router_evaluates_dropless_by_default(router, k):
+    """Quality is judged without drops: eval mode keeps every slot; training still drops."""
+    r, cfg = make_router(router, 4, top_k=k, capacity_factor=0.5, eval_capacity_factor=1.0, min_capacity=0)
+    x = inputs(32, skew_to=0)
+    make_skewed(r, 0)
+    evaluated = r.eval()(x)
+    assert evaluated.keep.all()
+    assert_matches(evaluated, ref_token_choice(x, r.weight, k, cfg, training=False))
+    assert not r.train()(x).keep.all()
 
 
 def test_capacity_is_claimed_slot_major():
@@ -456,17 +469,19 @@ def test_balanced_assignment_is_within_t_eps_of_the_optimum(seed, kind):
 # --------------------------------------------------------------------------- hash
 
 
+@pytest.mark.parametrize("eval_dropless", [False, True])
 @pytest.mark.parametrize("dropless", [False, True])
 @pytest.mark.parametrize("training", [False, True])
-def test_hash_router_is_a_table_lookup(dropless, training):
+def test_hash_router_is_a_table_lookup(dropless, training, eval_dropless):
     r, cfg = make_router("hash", 4, dropless=dropless, capacity_factor=1.0, eval_capacity_factor=1.0,
-                         min_capacity=0)
+                         min_capacity=0, eval_dropless=eval_dropless)
     ids = torch.randint(0, 6, (30,), generator=torch.Generator().manual_seed(3))  # few ids: drops
     routing = r.train(training)(torch.randn(30, D), ids)
     ref = ref_hash(ids, r.table, 4, cfg, training)
     assert_matches(routing, ref)
     assert routing.probs is None
-    assert dropless or not all(row[0] for row in ref["keep"]), "the test needs drops"
+    drops = not (dropless or (eval_dropless and not training))
+    assert drops == (not all(row[0] for row in ref["keep"])), "the test needs drops"
 
 
 def test_hash_router_needs_token_ids():
@@ -555,7 +570,7 @@ def reference_routing(router, r, cfg, x, ids, training):
 def test_moe_layer_equals_naive_per_token_loop(router, activation, training):
     E, hidden = 4, 6
     r, cfg = make_router(router, E, capacity_factor=1.0, eval_capacity_factor=1.0, min_capacity=0,
-                         **ROUTER_KW[router])
+                         eval_dropless=False, **ROUTER_KW[router])
     torch.manual_seed(7)
     experts = ExpertWeights((), E, D, hidden, activation, n_layers=2)
     with torch.no_grad():  # non-zero biases and O(1) weights, so every term matters

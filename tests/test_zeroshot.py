@@ -30,7 +30,8 @@ from test_cli import _assert_user_error, _run  # the CLI contract's helpers
 
 BLOCK = 16
 # A capacity small enough that tokens are dropped: batched scoring would differ without dropless routing.
-TINY = ["model.block_size=16", "model.vocab_size=257", "data.tokenizer=byte", "model.moe.eval_capacity_factor=0.5"]
+TINY = ["model.block_size=16", "model.vocab_size=257", "data.tokenizer=byte", "model.moe.eval_capacity_factor=0.5",
+        "model.moe.eval_dropless=false"]
 
 
 def _model(overrides=()) -> GPT:

@@ -281,6 +281,32 @@ def cmd_bench(args) -> int:
     return 0 if results else 1
 
 
+def cmd_study_run(args) -> int:
+    from samoe import study
+
+    cells = study.load_study(args.study, args.out)
+    if args.only:
+        names = [n.strip() for n in args.only.split(",") if n.strip()]
+        unknown = sorted(set(names) - {c.arm for c in cells})
+        if unknown:
+            raise UserError(f"--only {unknown[0]!r}: no such arm in '{args.study}'; arms: "
+                            f"{', '.join(dict.fromkeys(c.arm for c in cells))}")
+        cells = [c for c in cells if c.arm in names]
+    for flag in ("jobs", "threads"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)} is invalid; expected an integer >= 1")
+    if args.dry_run:
+        print(f"{'run':<40} {'state':<8} {'total params':>13} {'active':>11} {'train FLOPs':>12} {'tokens':>11}")
+        for c in cells:
+            d = study.describe(c)
+            print(f"{c.name:<40} {c.state():<8} {d['total_params']:>13,} {d['active_params']:>11,} "
+                  f"{d['train_flops']:>12.3g} {c.tokens:>11,}")
+        return 0
+    failed = study.run_cells(cells, Path(args.out), args.jobs, args.threads,
+                             log=lambda m: print(m, file=sys.stderr, flush=True))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="samoe", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -380,6 +406,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=65536, help="validation tokens to route (default 65536)")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.set_defaults(func=cmd_analyze_experts)
+
+    p = sub.add_parser("study", help="a grid of arms x seeds x corpora as ordinary runs (see studies/)")
+    study_sub = p.add_subparsers(dest="study_command", required=True)
+    p = study_sub.add_parser("run", help="train every unfinished run of a study file (finished ones are skipped, "
+                             "partial ones resumed)")
+    p.add_argument("study", help="a study YAML file (studies/*.yaml)")
+    p.add_argument("--out", required=True, help="the study directory: one run directory per arm, seed and corpus")
+    p.add_argument("--only", metavar="ARMS", help="comma-separated arms to run")
+    p.add_argument("--dry-run", action="store_true", help="print the grid with parameters and FLOPs; train nothing")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
+    p.set_defaults(func=cmd_study_run)
 
     p = sub.add_parser("bench", help="MoE speed and memory benchmarks, written to docs/benchmarks.md")
     p.add_argument("--quick", action="store_true", help="a reduced suite (T = 2048), under 2 minutes")

@@ -30,6 +30,7 @@ HASH_MAPS = ("balanced", "random")
 TOKENIZERS = ("bpe", "byte")
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+CORPORA = ("stdlib", "stdlib-docs")  # samoe.data.corpus.BUILTIN_CORPORA
 
 PRESET_DIR = Path(__file__).parent / "configs"
 
@@ -57,7 +58,8 @@ class MoEConfig:
     router: str = "switch"  # switch | gshard | topk | base | hash | expert_choice
     top_k: int = 1  # used by topk and expert_choice; switch, base, hash use 1, gshard 2
     capacity_factor: float = 1.25  # C = max(min_capacity, ceil(cf * T * k / E))
-    eval_capacity_factor: float = 2.0
+    eval_capacity_factor: float = 2.0  # applies only when eval_dropless = false
+    eval_dropless: bool = True  # evaluation (eval mode) routes every token: quality is judged without drops
     min_capacity: int = 4
     dropless: bool = False  # no capacity, no dropped tokens (token-choice routers)
     ffn_hidden: int | None = None  # expert hidden width f; default: model.ffn_hidden
@@ -113,7 +115,8 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    path: str | None = None  # None: the built-in standard-library documentation corpus
+    path: str | None = None  # None: the built-in corpus named by `corpus`
+    corpus: str = "stdlib"  # built-in corpus: stdlib (source files, 31 MB) | stdlib-docs (docstrings, 2.1 MB)
     tokenizer: str = "bpe"  # bpe | byte
     val_fraction: float = 0.05
 
@@ -238,6 +241,7 @@ def validate(cfg: Config) -> Config:
     _choice("train.dtype", t.dtype, DTYPES)
     _choice("train.device", t.device, DEVICES)
     _choice("data.tokenizer", d.tokenizer, TOKENIZERS)
+    _choice("data.corpus", d.corpus, CORPORA)
     _check(0 < d.val_fraction < 1, "data.val_fraction", "a number in (0, 1)", d.val_fraction)
     return cfg
 

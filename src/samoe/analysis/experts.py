@@ -1,7 +1,8 @@
 """A trained run's experts: `samoe analyze experts RUN_DIR`.
 
 From the run's latest checkpoint, on its validation split (the first `max_tokens` tokens, in
-the deterministic evaluation windows, eval mode — so capacity uses eval_capacity_factor and
+the deterministic evaluation windows, eval mode — so token-choice routing is dropless (unless
+the run set `model.moe.eval_dropless: false`, then capacity uses eval_capacity_factor) and
 BASE routes greedily):
 
 - **load**: per MoE layer, the tokens each expert received (kept (token, expert) slots, after

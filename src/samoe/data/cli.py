@@ -11,7 +11,7 @@ from pathlib import Path
 from samoe.data.options import SAMPLE_WORDS, PrepareOptions
 from samoe.errors import ConfigError
 
-SOURCES_HELP = ("a text file, a .jsonl file, a directory of them, builtin:stdlib, or debian:NAME "
+SOURCES_HELP = ("a text file, a .jsonl file, a directory of them, builtin:stdlib, builtin:stdlib-docs, or debian:NAME "
                 "(bible-kjv-text, python3-doc, dict-gcide); append @WEIGHT for a weighted mixture")
 
 

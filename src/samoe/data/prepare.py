@@ -28,7 +28,7 @@ def load_splits(cfg: DataConfig, vocab_size: int, tokenizer=None) -> Splits:
     tokenizer must match the prepared one's vocab_size."""
     if is_prepared(cfg.path):
         return Splits(*load_prepared(cfg.path, tokenizer))
-    train_docs, val_docs = split_documents(load_corpus(cfg.path), cfg.val_fraction)
+    train_docs, val_docs = split_documents(load_corpus(cfg.path, cfg.corpus), cfg.val_fraction)
     tok = tokenizer or build_tokenizer(cfg.tokenizer, train_docs, vocab_size)
     return Splits(tok, TokenStream(encode_documents(tok, train_docs), "training split"),
                   TokenStream(encode_documents(tok, val_docs), "validation split"))

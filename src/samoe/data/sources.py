@@ -3,7 +3,8 @@
 A source spec is one of
 
     PATH            a text file, a .jsonl file or a directory of them (see corpus.read_documents)
-    builtin:stdlib  the built-in corpus: docstrings of the Python standard library
+    builtin:NAME    a built-in corpus: stdlib (the standard library's source files) or
+                    stdlib-docs (its docstrings); see data/corpus.py
     debian:NAME     a corpus from a Debian package (see data/debian.py)
 
 optionally followed by `@WEIGHT`, a positive number. Without weights every document of every
@@ -22,11 +23,11 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from samoe.data.corpus import read_documents, stdlib_documents
+from samoe.data.corpus import BUILTIN_CORPORA, builtin_documents, read_documents
 from samoe.data.debian import debian_documents
 from samoe.errors import DataError
 
-BUILTIN = "builtin:stdlib"
+BUILTIN = "builtin:"
 
 
 @dataclass
@@ -53,12 +54,13 @@ def read_source(spec: str, text_field: str = "text", bad_lines: list | None = No
                 progress: bool = False) -> list[str]:
     """The raw documents of one source spec (no weight). See corpus.read_documents for
     text_field and bad_lines."""
-    if spec == BUILTIN:
-        return stdlib_documents()
+    if spec.startswith(BUILTIN):
+        return builtin_documents(spec.removeprefix(BUILTIN))
     if spec.startswith("debian:"):
         return debian_documents(spec.removeprefix("debian:"), progress)
     if ":" in spec and not Path(spec).exists() and re.match(r"^[a-z]+:", spec):
-        raise DataError(f"unknown source '{spec}'; expected a path, {BUILTIN} or debian:NAME")
+        builtins = ", ".join(BUILTIN + n for n in BUILTIN_CORPORA)
+        raise DataError(f"unknown source '{spec}'; expected a path, {builtins} or debian:NAME")
     return read_documents(spec, text_field=text_field, bad_lines=bad_lines)
 
 

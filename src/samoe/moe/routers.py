@@ -78,6 +78,13 @@ def within_capacity(expert: Tensor, keep: Tensor, num_experts: int, cap: int) ->
     return keep & (pos.view(k, T).t() < cap)
 
 
+def drops_nothing(cfg: MoEConfig, training: bool) -> bool:
+    """Token-choice routing without capacity: always when dropless, and in evaluation (eval
+    mode) unless eval_dropless is off. Quality is judged dropless: an eval-time capacity drop
+    changes a token's loss by what the rest of the batch did, not by what the model knows."""
+    return cfg.dropless or (not training and cfg.eval_dropless)
+
+
 def load_balance_loss(probs: Tensor, expert: Tensor, num_experts: int) -> Tensor:
     """E · Σ_e f_e · P_e; f_e over all chosen slots (before capacity). Equals 1 when uniform."""
     f = torch.bincount(expert.reshape(-1), minlength=num_experts).float() / expert.numel()
@@ -139,7 +146,7 @@ class TopKRouter(LinearRouter):
         if self.training and self.cfg.aux_free_bias:  # the load chosen, before capacity clips it
             with torch.no_grad():
                 self.recent_load += torch.bincount(expert[keep], minlength=self.num_experts).float()
-        if not self.cfg.dropless:
+        if not drops_nothing(self.cfg, self.training):
             keep = within_capacity(expert, keep, self.num_experts, self.capacity(x.shape[0], self.k))
         aux = {"load_balance": load_balance_loss(probs, expert, self.num_experts), "z_loss": z_loss(logits)}
         return Routing(expert, gate * keep, keep, probs, aux)
@@ -268,7 +275,7 @@ class HashRouter(nn.Module):
             raise ValueError("hash routing needs the token ids")
         expert = self.table[token_ids.reshape(-1)].unsqueeze(1)
         keep = torch.ones_like(expert, dtype=torch.bool)
-        if not self.cfg.dropless:
+        if not drops_nothing(self.cfg, self.training):
             cf = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
             cap = capacity(expert.shape[0], self.num_experts, 1, cf, self.cfg.min_capacity)
             keep = within_capacity(expert, keep, self.num_experts, cap)

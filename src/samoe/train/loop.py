@@ -1,11 +1,4 @@
-"""The training loop and its run directory.
-
-    run_dir/config.yaml        resolved config (vocab size set from the tokenizer, data path absolute)
-    run_dir/tokenizer.json     the tokenizer trained on the training split
-    run_dir/metrics.jsonl      one JSON object per logged step (val_* on evaluation steps)
-    run_dir/checkpoints/       see train/checkpoint.py
-    run_dir/summary.json       parameter counts, tokens, training FLOPs and PF-days, wall time, final
-                               validation metrics
+"""The training loop; it writes the run directory described in samoe/runs.py.
 
 One optimiser step consumes `train.batch_size` sequences of `model.block_size` tokens (the
 global batch), split into micro-batches of `train.micro_batch_size` for gradient accumulation.
@@ -36,6 +29,7 @@ from samoe.errors import CheckpointError
 from samoe.eval.perplexity import evaluate
 from samoe.fileio import write_text_atomic
 from samoe.model.gpt import GPT
+from samoe.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
 from samoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from samoe.train.distributed import (Layout, all_mean, all_sum, clip_grad_norm, expert_axes, full_optimizer_state,
                                      full_weights, gather_rng_states, init_layout, reduce_expert_grads,
@@ -43,7 +37,6 @@ from samoe.train.distributed import (Layout, all_mean, all_sum, clip_grad_norm, 
                                      shutdown, step_a2a_bytes, sync_router_loads, wrap_ddp)
 from samoe.train.optim import build_optimizer, lr_at
 
-CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 
 
 def resolve_device(name: str) -> torch.device:

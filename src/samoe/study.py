@@ -1,0 +1,201 @@
+"""Studies: a grid of named arms x seeds x corpora, each cell an ordinary `samoe train` run.
+
+A study file (YAML):
+
+    preset: default              # the base of every arm (default: default)
+    steps: 2400                  # train.max_steps of every run (default: the preset's)
+    seeds: [1, 2, 3]             # seeds of every arm that does not name its own
+    corpora:                     # optional: name -> overrides; default one corpus, the preset's
+      stdlib: []
+      debian: [data.path=data/debian-mix]
+    arms:
+      dense: [model.moe.enabled=false, model.ffn_hidden=524]
+      moe:                       # or a mapping, for an arm with its own preset or seeds
+        overrides: [model.moe.sharing=private]
+        seeds: [1, 2]
+        preset: default
+
+Run `c` of arm `a` with seed `s` lives in OUT/a/seed{s} (OUT/{corpus}/a/seed{s} when the study
+names corpora) and is trained by `samoe train --preset P OVERRIDES --seed s --out DIR` as a
+subprocess, so every other verb works on it. A run with a summary.json whose step count is the
+study's is finished and skipped; a run directory without one is resumed (`--resume`), which
+continues from its latest checkpoint exactly as an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from samoe.analysis.flops import flops_report
+from samoe.analysis.params import count_config_params
+from samoe.config import Config, load_config
+from samoe.errors import ConfigError
+from samoe.runs import CONFIG_FILE, SUMMARY_FILE, read_json
+
+
+@dataclass
+class Cell:
+    """One run of the grid."""
+
+    arm: str
+    seed: int
+    corpus: str | None
+    preset: str
+    overrides: list[str]  # the arm's, then the corpus's
+    run_dir: Path
+    cfg: Config = field(repr=False)
+
+    @property
+    def name(self) -> str:
+        return "/".join(p for p in (self.corpus, self.arm, f"seed{self.seed}") if p)
+
+    @property
+    def tokens(self) -> int:
+        return self.cfg.train.max_steps * self.cfg.train.batch_size * self.cfg.model.block_size
+
+    def state(self) -> str:
+        """'done', 'partial' (a run directory to resume) or 'new'."""
+        summary = self.run_dir / SUMMARY_FILE
+        if summary.is_file() and read_json(summary).get("steps") == self.cfg.train.max_steps:
+            return "done"
+        return "partial" if (self.run_dir / CONFIG_FILE).is_file() else "new"
+
+
+def _string_list(value, where: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where} must be a list of key.path=value strings, got {value!r}")
+    return value
+
+
+def _int_list(value, where: str) -> list[int]:
+    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                            for v in value):
+        raise ConfigError(f"{where} must be a non-empty list of integer seeds, got {value!r}")
+    return value
+
+
+def load_study(path: str | Path, out: str | Path) -> list[Cell]:
+    """Every cell of the study file at path, with run directories under out, in file order
+    (arm, then corpus, then seed). Raises ConfigError naming the key for a bad file, and
+    validates every arm's config before anything runs."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"study file '{path}' does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"study file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("arms"), dict) or not spec["arms"]:
+        raise ConfigError(f"study file '{path}' must be a mapping with a non-empty 'arms' mapping")
+    known = {"preset", "steps", "seeds", "corpora", "arms", "description"}
+    unknown = sorted(set(spec) - known)
+    if unknown:
+        raise ConfigError(f"study file '{path}': unknown key {unknown[0]!r}; expected one of: {', '.join(sorted(known))}")
+    preset = spec.get("preset", "default")
+    seeds = _int_list(spec.get("seeds", [1337]), f"{path}: seeds")
+    steps = spec.get("steps")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"{path}: steps must be an integer >= 1, got {steps!r}")
+    corpora = spec.get("corpora") or {None: []}
+    if not isinstance(corpora, dict):
+        raise ConfigError(f"{path}: corpora must be a mapping of name -> overrides")
+    cells = []
+    for arm, value in spec["arms"].items():
+        where = f"{path}: arms.{arm}"
+        if isinstance(value, dict):
+            extra = sorted(set(value) - {"overrides", "seeds", "preset"})
+            if extra:
+                raise ConfigError(f"{where}: unknown key {extra[0]!r}; expected overrides, seeds or preset")
+            arm_over = _string_list(value.get("overrides"), f"{where}.overrides")
+            arm_seeds = _int_list(value["seeds"], f"{where}.seeds") if "seeds" in value else seeds
+            arm_preset = value.get("preset", preset)
+        else:
+            arm_over, arm_seeds, arm_preset = _string_list(value, where), seeds, preset
+        for corpus, corpus_over in corpora.items():
+            overrides = arm_over + _string_list(corpus_over, f"{path}: corpora.{corpus}")
+            if steps is not None:
+                overrides = overrides + [f"train.max_steps={steps}"]
+            try:
+                cfg = load_config(preset=arm_preset, overrides=overrides)
+            except ConfigError as e:
+                raise ConfigError(f"{where}: {e}") from None
+            for seed in arm_seeds:
+                cfg_seed = load_config(preset=arm_preset, overrides=overrides + [f"train.seed={seed}"])
+                parts = [p for p in (corpus, arm, f"seed{seed}") if p]
+                cells.append(Cell(arm, seed, corpus, arm_preset, overrides, Path(out, *parts), cfg_seed))
+    return cells
+
+
+def describe(cell: Cell) -> dict:
+    """Total and active parameters and training FLOPs of a cell, from its config alone."""
+    params = count_config_params(cell.cfg.model)
+    fl = flops_report(cell.cfg, cell.tokens)
+    return {"total_params": params["total"], "active_params": params["active"],
+            "train_flops_per_token": fl["train_flops_per_token"], "train_flops": fl["train_flops"]}
+
+
+def train_command(cell: Cell) -> list[str]:
+    """The `samoe train` command line that (re)starts a cell."""
+    base = [sys.executable, "-m", "samoe", "train", "--quiet"]
+    if cell.state() == "partial":
+        return base + ["--resume", "--out", str(cell.run_dir), f"train.max_steps={cell.cfg.train.max_steps}"]
+    return base + ["--preset", cell.preset, *cell.overrides, "--seed", str(cell.seed), "--out", str(cell.run_dir)]
+
+
+def _fmt_s(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def run_cells(cells: list[Cell], out: Path, jobs: int = 1, threads: int | None = None,
+              log=print) -> list[Cell]:
+    """Train every unfinished cell, `jobs` at a time, each with `threads` torch threads
+    (default: the cores shared out evenly). One line per finished run, with the ETA of the
+    grid from the tokens/s measured so far. Returns the cells that failed."""
+    todo = [c for c in cells if c.state() != "done"]
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    logs = Path(out) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log(f"{len(cells) - len(todo)} of {len(cells)} runs done; {len(todo)} to run, {jobs} at a time, "
+        f"{threads} thread(s) each")
+    running: list[tuple[Cell, subprocess.Popen, float, object]] = []
+    failed, finished_tokens, busy_s, total = [], 0, 0.0, len(todo)
+    done_count = 0
+    remaining = list(todo)
+    while remaining or running:
+        while remaining and len(running) < jobs:
+            cell = remaining.pop(0)
+            handle = open(logs / (cell.name.replace("/", "-") + ".log"), "a")
+            proc = subprocess.Popen(train_command(cell), stdout=handle, stderr=subprocess.STDOUT, env=env)
+            running.append((cell, proc, time.time(), handle))
+        time.sleep(1.0)
+        for item in list(running):
+            cell, proc, t0, handle = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            handle.close()
+            done_count += 1
+            wall = time.time() - t0
+            if proc.returncode != 0:
+                failed.append(cell)
+                log(f"[{done_count}/{total}] {cell.name}: FAILED (exit {proc.returncode}); see {handle.name}")
+                continue
+            summary = read_json(cell.run_dir / SUMMARY_FILE)
+            finished_tokens += summary["steps_this_session"] * cell.cfg.train.batch_size * cell.cfg.model.block_size
+            busy_s += wall
+            left = sum(c.tokens for c in remaining) + sum(c.tokens for c, *_ in running)
+            eta = left / max(finished_tokens / busy_s, 1e-9) / jobs
+            log(f"[{done_count}/{total}] {cell.name}: val_loss {summary['val_loss']:.4f} "
+                f"(ppl {summary['val_ppl']:.2f}) in {_fmt_s(wall)}; grid ETA {_fmt_s(eta)}")
+    return failed
