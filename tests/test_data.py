@@ -5,10 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from samoe.data.corpus import read_documents, split_documents, split_text, stdlib_documents
+from samoe.config import CORPORA, load_config
+from samoe.data.corpus import (BUILTIN_CORPORA, load_corpus, read_documents, split_documents, split_text,
+                               stdlib_documents, stdlib_sources)
+from samoe.data.sources import read_source
 from samoe.data.dataset import TokenStream, bits_per_byte, encode_documents, unigram_perplexity
 from samoe.data.tokenizer import BPETokenizer, ByteTokenizer, build_tokenizer, load_tokenizer
-from samoe.errors import DataError
+from samoe.errors import ConfigError, DataError
 
 SAMPLE = "def f(x):\n    return x + 1  # naïve café ☕ 日本語\n\nThe quick brown fox.\n"
 
@@ -60,6 +63,38 @@ def test_stdlib_extraction_and_cache(tmp_path):
     assert [json.loads(line)["text"] for line in cache_file.read_text().splitlines()] == docs
     (root / "alpha.py").unlink()  # the second call must read the cache, not the sources
     assert stdlib_documents(root, cache) == docs
+
+
+def test_stdlib_source_corpus_is_every_python_file_tests_included(tmp_path):
+    """One document per .py file, as written; tests kept, site-packages, NUL bytes and
+    non-UTF-8 files skipped; cached like the docstring corpus."""
+    root, cache = tmp_path / "lib", tmp_path / "cache"
+    _fake_stdlib(root)
+    (root / "latin1.py").write_bytes(b"# caf\xe9\nx = 1\n")
+    (root / "nul.py").write_bytes(b"x = 1\0\n")
+    (root / "empty.py").write_text("\n")
+    (root / "bom.py").write_text("\ufeffy = 2\n", encoding="utf-8")
+    docs = stdlib_sources(root, cache)
+    expected = [root / "alpha.py", root / "bom.py", root / "broken.py", root / "nodocs.py",
+                root / "pkg" / "beta.py", root / "test" / "test_x.py"]
+    assert docs == [p.read_text(encoding="utf-8").removeprefix("\ufeff") for p in expected]
+    [cache_file] = cache.iterdir()
+    assert cache_file.name.startswith("stdlib-src-py")
+    (root / "alpha.py").unlink()
+    assert stdlib_sources(root, cache) == docs
+
+
+def test_builtin_corpora_by_name(tmp_path, monkeypatch):
+    assert CORPORA == tuple(BUILTIN_CORPORA)  # the config's choices are the corpora that exist
+    assert load_config(overrides=[]).data.corpus == "stdlib"
+    with pytest.raises(ConfigError, match="data.corpus"):
+        load_config(overrides=["data.corpus=wikipedia"])
+    monkeypatch.setitem(BUILTIN_CORPORA, "stdlib-docs", lambda: ["docs"])
+    monkeypatch.setitem(BUILTIN_CORPORA, "stdlib", lambda: ["source"])
+    assert load_corpus(None, "stdlib-docs") == ["docs"] and load_corpus(None) == ["source"]
+    assert read_source("builtin:stdlib-docs") == ["docs"] and read_source("builtin:stdlib") == ["source"]
+    with pytest.raises(DataError, match="builtin:stdlib-docs"):
+        read_source("builtin:nope")
 
 
 def test_stdlib_without_docstrings_is_an_error(tmp_path):

@@ -1,4 +1,4 @@
-"""The `samoe` command: train, eval, generate, params, flops, match-dense, analyze, data, bench.
+"""The `samoe` command: train, eval, generate, export, params, flops, match-dense, analyze, data, bench.
 
 Config values come from defaults <- --preset <- --config FILE <- `key.path=value` overrides
 (e.g. `model.moe.num_experts=8 train.max_steps=200`). User errors print one line and exit 2.
@@ -62,9 +62,14 @@ def cmd_train(args) -> int:
         cfg = load_config(args.config, args.preset or (None if args.config else "default"), overrides)
         name = args.preset or (Path(args.config).stem if args.config else "default")
         run_dir = Path(args.out or f"runs/{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if args.init_from is not None and args.resume:
+        raise UserError("--init-from starts a new run; it does not go with --resume")
+    if args.init_noise < 0:
+        raise UserError(f"--init-noise {args.init_noise} is invalid; expected a number >= 0")
     if args.nproc is not None and "WORLD_SIZE" not in os.environ:
         return launch(args, cfg, run_dir)
-    summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet)
+    summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet, init_from=args.init_from,
+                    init_noise=args.init_noise)
     if not _main_process():
         return 0
     print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.0f}s; "
@@ -270,6 +275,15 @@ def cmd_analyze_experts(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from samoe.hf.export import export_run
+
+    out = export_run(args.run_dir, args.out, args.format, args.materialize, args.dtype)
+    how = "trust_remote_code=True" if args.format == "samoe-hf" else "no remote code"
+    print(f"exported {args.run_dir} as {args.format} to {out} (AutoModelForCausalLM.from_pretrained, {how})")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from samoe.bench.suite import main as bench_main
 
@@ -282,7 +296,7 @@ def cmd_bench(args) -> int:
 
 
 def cmd_study_run(args) -> int:
-    from samoe import study
+    from samoe.study import grid as study
 
     cells = study.load_study(args.study, args.out)
     if args.only:
@@ -296,15 +310,33 @@ def cmd_study_run(args) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag} {getattr(args, flag)} is invalid; expected an integer >= 1")
     if args.dry_run:
-        print(f"{'run':<40} {'state':<8} {'total params':>13} {'active':>11} {'train FLOPs':>12} {'tokens':>11}")
+        threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)
+        est = study.estimate_seconds(cells, threads)
+        print(f"{'run':<40} {'state':<8} {'total params':>13} {'active':>11} {'train FLOPs':>12} {'tokens':>11} "
+              f"{'est. time':>9}")
         for c in cells:
             d = study.describe(c)
             print(f"{c.name:<40} {c.state():<8} {d['total_params']:>13,} {d['active_params']:>11,} "
-                  f"{d['train_flops']:>12.3g} {c.tokens:>11,}")
+                  f"{d['train_flops']:>12.3g} {c.tokens:>11,} {study.format_seconds(est[c.name]):>9}")
+        left = sum(est[c.name] for c in cells if c.state() != "done")
+        print(f"estimated time left: {study.format_seconds(left / args.jobs)} ({args.jobs} at a time, {threads} "
+              f"thread(s) each; timed on random tokens, evaluation not counted)")
         return 0
     failed = study.run_cells(cells, Path(args.out), args.jobs, args.threads,
                              log=lambda m: print(m, file=sys.stderr, flush=True))
     return 1 if failed else 0
+
+
+def cmd_study_report(args) -> int:
+    from samoe.study import report
+
+    path, rows = report.write_report(args.study_dir)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        print(report.format_table(rows))
+        print(f"written: {path} and its PNGs")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -326,6 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, metavar="N",
                    help="run N processes on this machine (torchrun --standalone); train.batch_size stays global")
     p.add_argument("--ep", type=int, metavar="P", help="expert-parallel size (train.ep): experts spread over P processes")
+    p.add_argument("--init-from", metavar="RUN_DIR|HF_DIR", help="sparse upcycling: start from a dense run (or its "
+                   "samoe-hf export); every expert starts as the dense FFN, routers fresh (docs/interop.md)")
+    p.add_argument("--init-noise", type=float, default=0.0, metavar="SIGMA",
+                   help="with --init-from: add SIGMA * std(W) * N(0, 1) to each expert copy (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -418,6 +454,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     p.set_defaults(func=cmd_study_run)
+    p = study_sub.add_parser("report", help="DIR/report.md, report.json and PNGs: curves over seeds, the table of arms")
+    p.add_argument("study_dir", help="a study directory (samoe study run --out)")
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.set_defaults(func=cmd_study_report)
+
+    p = sub.add_parser("export", help="a run as a Hugging Face model directory (samoe-hf, mixtral, qwen2_moe)",
+                       description="Export a run's latest checkpoint for transformers (docs/interop.md).")
+    p.add_argument("run_dir")
+    p.add_argument("--out", required=True, help="the directory to write (must not exist, or be empty)")
+    p.add_argument("--format", default="samoe-hf", choices=("samoe-hf", "mixtral", "qwen2_moe"),
+                   help="samoe-hf (default): samoe's own modelling code, loaded with trust_remote_code=True; "
+                        "mixtral, qwen2_moe: stock architectures, for models that fit")
+    p.add_argument("--materialize", action="store_true",
+                   help="samoe-hf: expand SaMoE's pool (or the shared bank) into per-layer experts")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="weight dtype (default float32)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", help="MoE speed and memory benchmarks, written to docs/benchmarks.md")
     p.add_argument("--quick", action="store_true", help="a reduced suite (T = 2048), under 2 minutes")

@@ -26,6 +26,8 @@ POOL_INITS = ("uniform", "noisy", "cycle", "sequence")
 GRANULARITIES = ("layer", "expert")
 ACTIVATIONS = ("gelu", "swiglu")
 POSITIONS = ("learned", "rotary")
+NORMS = ("layernorm", "rmsnorm")
+RESIDUAL_GATES = ("softmax", "sigmoid")
 HASH_MAPS = ("balanced", "random")
 TOKENIZERS = ("bpe", "byte")
 DTYPES = ("float32", "bfloat16")
@@ -66,6 +68,7 @@ class MoEConfig:
     sharing: str = "pool"  # private | pool | shared
     shared_experts: int = 16  # M, size of the bank for sharing = "shared"
     residual: bool = False  # PR-MoE: mix a dense FFN branch with the MoE branch
+    residual_gate: str = "softmax"  # softmax: y = p0·moe + p1·ffn (PR-MoE); sigmoid: y = moe + σ(x·w)·ffn (Qwen2-MoE shared expert)
     load_balance_weight: float = 0.01
     z_loss_weight: float = 0.001
     aux_free_bias: bool = False  # per-expert selection bias updated from load (no aux loss)
@@ -86,6 +89,10 @@ class ModelConfig:
     ffn_hidden: int | None = None  # f; default 4 * d_model
     activation: str = "gelu"  # gelu | swiglu
     positions: str = "learned"  # learned | rotary
+    rope_base: float = 10000.0  # rotary: θ_i = rope_base^(-2i/head_dim)
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm_eps: float = 1e-5  # ε of the norms
+    bias: bool = True  # biases in attention, FFNs, experts, PR-MoE mixing and LayerNorm
     dropout: float = 0.0
     tie_embeddings: bool = True
     moe: MoEConfig = field(default_factory=MoEConfig)
@@ -190,6 +197,10 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "a number in [0, 1)", m.dropout)
     _choice("model.activation", m.activation, ACTIVATIONS)
     _choice("model.positions", m.positions, POSITIONS)
+    _choice("model.norm", m.norm, NORMS)
+    _check(m.norm_eps > 0, "model.norm_eps", "a number > 0", m.norm_eps)
+    _check(m.rope_base > 1, "model.rope_base", "a number > 1", m.rope_base)
+    _choice("model.moe.residual_gate", moe.residual_gate, RESIDUAL_GATES)
 
     _check(moe.every >= 1, "model.moe.every", "an integer >= 1", moe.every)
     _choice("model.moe.router", moe.router, ROUTERS)

@@ -15,3 +15,11 @@ class DataError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint or run directory that cannot be loaded or written."""
+
+
+class ExportError(UserError):
+    """A run that cannot be exported in the asked format, or an export or upcycling source that does not fit."""
+
+
+class UpcycleError(UserError):
+    """A `--init-from` source that is not a dense model or does not fit the new model's shapes."""

@@ -44,7 +44,8 @@ def count_params(model: GPT) -> dict[str, int]:
     k = router_top_k(cfg.moe)
     for layer in model.moe_layers():
         w1, b1, w2, b2 = layer.experts()
-        per_expert = (w1.numel() + b1.numel() + w2.numel() + b2.numel()) // w1.shape[0]
+        biases = b1.numel() + b2.numel() if cfg.bias else 0  # without biases b1, b2 are constant zeros
+        per_expert = (w1.numel() + biases + w2.numel()) // w1.shape[0]
         active += k * per_expert
     return {"total": total, "active": active, **counts}
 

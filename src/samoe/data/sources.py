@@ -54,7 +54,7 @@ def read_source(spec: str, text_field: str = "text", bad_lines: list | None = No
                 progress: bool = False) -> list[str]:
     """The raw documents of one source spec (no weight). See corpus.read_documents for
     text_field and bad_lines."""
-    if spec.startswith(BUILTIN):
+    if spec.startswith(BUILTIN) and spec.removeprefix(BUILTIN) in BUILTIN_CORPORA:
         return builtin_documents(spec.removeprefix(BUILTIN))
     if spec.startswith("debian:"):
         return debian_documents(spec.removeprefix("debian:"), progress)

@@ -1,8 +1,12 @@
 """A GPT-style decoder whose FFN blocks may be Mixture-of-Experts layers.
 
     x_0 = wte(idx) (+ wpe(pos) for learned positions)
-    x_{i+1} = h_i + ffn_i(LN(h_i)),   h_i = x_i + attn_i(LN(x_i))      (pre-LayerNorm)
-    logits = LN(x_L) · wteᵀ                                            (tied embeddings)
+    x_{i+1} = h_i + ffn_i(N(h_i)),   h_i = x_i + attn_i(N(x_i))        (pre-norm)
+    logits = N(x_L) · wteᵀ                                             (tied embeddings)
+
+N is LayerNorm or RMSNorm (`model.norm`); `model.bias = false` drops every bias (attention,
+FFNs, experts, PR-MoE mixing, LayerNorm): with rmsnorm, rotary and swiglu that is the
+LLaMA / Mixtral / Qwen2-MoE backbone, which hf/stock.py exports to those formats.
 
 ffn_i is a dense FeedForward, or an MoEFeedForward in every `moe.every`-th block. With
 sharing = "pool" the model owns SaMoE's global pool (P1 [K, E, d, h] ...) and each MoE layer
@@ -20,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samoe.config import ModelConfig, expert_hidden, experts_per_layer, ffn_hidden, moe_layer_ids
-from samoe.model.ffn import FeedForward
+from samoe.model.ffn import FeedForward, make_norm
 from samoe.moe.expert_parallel import ExpertParallel
 from samoe.moe.experts import ExpertWeights, PoolMixture, SharedBank
 from samoe.moe.layer import MoEFeedForward
@@ -45,12 +49,13 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.dropout = cfg.dropout
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
         nn.init.normal_(self.qkv.weight, std=0.02)
         nn.init.normal_(self.proj.weight, std=0.02 / math.sqrt(2 * cfg.n_layers))
-        nn.init.zeros_(self.qkv.bias)
-        nn.init.zeros_(self.proj.bias)
+        if cfg.bias:
+            nn.init.zeros_(self.qkv.bias)
+            nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: Tensor, rotary: tuple[Tensor, Tensor] | None) -> Tensor:
         B, S, d = x.shape
@@ -65,9 +70,9 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, ffn: nn.Module):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.ln_1 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.ln_2 = make_norm(cfg.norm, cfg.d_model, cfg.norm_eps, cfg.bias)
         self.ffn = ffn
 
     def forward(self, x: Tensor, token_ids: Tensor, rotary) -> tuple[Tensor, dict[str, Tensor]]:
@@ -106,9 +111,9 @@ class GPT(nn.Module):
         f_exp = expert_hidden(cfg)
         self.expert_pool = self.expert_bank = None
         if moe_ids and moe.sharing == "pool":
-            self.expert_pool = ExpertWeights((moe.pool.size,), max(n_experts), d, f_exp, cfg.activation, L, ep)
+            self.expert_pool = ExpertWeights((moe.pool.size,), max(n_experts), d, f_exp, cfg.activation, L, ep, cfg.bias)
         elif moe_ids and moe.sharing == "shared":
-            self.expert_bank = ExpertWeights((), moe.shared_experts, d, f_exp, cfg.activation, L, ep)
+            self.expert_bank = ExpertWeights((), moe.shared_experts, d, f_exp, cfg.activation, L, ep, cfg.bias)
 
         blocks = []
         for i in range(L):
@@ -116,16 +121,16 @@ class GPT(nn.Module):
                 pos = moe_ids.index(i)
                 blocks.append(Block(cfg, self._moe_ffn(pos, len(moe_ids), n_experts[pos], f_exp)))
             else:
-                blocks.append(Block(cfg, FeedForward(d, ffn_hidden(cfg), cfg.activation, L, cfg.dropout)))
+                blocks.append(Block(cfg, FeedForward(d, ffn_hidden(cfg), cfg.activation, L, cfg.dropout, cfg.bias)))
         self.blocks = nn.ModuleList(blocks)
-        self.ln_f = nn.LayerNorm(d)
+        self.ln_f = make_norm(cfg.norm, d, cfg.norm_eps, cfg.bias)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.wte.weight
         else:
             nn.init.normal_(self.lm_head.weight, std=0.02)
         if cfg.positions == "rotary":
-            cos, sin = rotary_tables(cfg.block_size, d // cfg.n_heads)
+            cos, sin = rotary_tables(cfg.block_size, d // cfg.n_heads, cfg.rope_base)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
 
@@ -136,11 +141,12 @@ class GPT(nn.Module):
         elif moe.sharing == "shared":
             experts = SharedBank(self.expert_bank)
         else:
-            experts = ExpertWeights((), num_experts, cfg.d_model, hidden, cfg.activation, cfg.n_layers, self.ep)
+            experts = ExpertWeights((), num_experts, cfg.d_model, hidden, cfg.activation, cfg.n_layers, self.ep,
+                                    cfg.bias)
         router = build_router(moe, cfg.d_model, num_experts, cfg.vocab_size)
-        residual = (FeedForward(cfg.d_model, ffn_hidden(cfg), cfg.activation, cfg.n_layers, cfg.dropout)
+        residual = (FeedForward(cfg.d_model, ffn_hidden(cfg), cfg.activation, cfg.n_layers, cfg.dropout, cfg.bias)
                     if moe.residual else None)
-        return MoEFeedForward(router, experts, cfg.activation, residual, self.ep)
+        return MoEFeedForward(router, experts, cfg.activation, residual, self.ep, moe.residual_gate, cfg.bias)
 
     def moe_layers(self) -> list[MoEFeedForward]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFeedForward)]

@@ -6,7 +6,8 @@ Expert e is the FFN  y = act(x·W1[e] + b1[e])·W2[e] + b2[e]  with
     W1 [E, d, h]   b1 [E, h]   W2 [E, f, d]   b2 [E, d]
 
 where h = f for gelu and h = 2f for swiglu (gate and up projections side by side:
-act(u) = silu(u[:, :f]) · u[:, f:]). A provider's forward() returns these four tensors.
+act(u) = silu(u[:, :f]) · u[:, f:]). A provider's forward() returns these four tensors
+(without biases, `model.bias = false`, b1 and b2 are constant zero buffers, not saved).
 
 SaMoE (DESIGN.md): the pool holds P1 [K, E, d, h] (likewise P2, b1, b2); layer l mixes it
 
@@ -39,16 +40,23 @@ class ExpertWeights(nn.Module):
     """
 
     def __init__(self, lead: tuple[int, ...], num_experts: int, d_model: int, hidden: int,
-                 activation: str, n_layers: int, ep: ExpertParallel | None = None):
+                 activation: str, n_layers: int, ep: ExpertParallel | None = None, bias: bool = True):
         super().__init__()
         h = 2 * hidden if activation == "swiglu" else hidden
         self.expert_axis = len(lead)
-        keep = (lambda t: nn.Parameter(take_shard(t, self.expert_axis, ep))) if ep is not None else nn.Parameter
+        cut = (lambda t: take_shard(t, self.expert_axis, ep)) if ep is not None else (lambda t: t)
+        keep = lambda t: nn.Parameter(cut(t))  # noqa: E731
         self.w1 = keep(nn.init.normal_(torch.empty(*lead, num_experts, d_model, h), std=0.02))
-        self.b1 = keep(torch.zeros(*lead, num_experts, h))
+        if bias:
+            self.b1 = keep(torch.zeros(*lead, num_experts, h))
+        else:
+            self.register_buffer("b1", cut(torch.zeros(*lead, num_experts, h)), persistent=False)
         self.w2 = keep(nn.init.normal_(torch.empty(*lead, num_experts, hidden, d_model),
                                        std=0.02 / math.sqrt(2 * n_layers)))  # GPT-2 residual scaling
-        self.b2 = keep(torch.zeros(*lead, num_experts, d_model))
+        if bias:
+            self.b2 = keep(torch.zeros(*lead, num_experts, d_model))
+        else:
+            self.register_buffer("b2", cut(torch.zeros(*lead, num_experts, d_model)), persistent=False)
 
     def forward(self) -> ExpertTensors:
         return self.w1, self.b1, self.w2, self.b2

@@ -39,17 +39,22 @@ class MoEFeedForward(nn.Module):
     """An MoE FFN block: a router plus an expert provider (private experts, a SaMoE pool
     mixture or the shared bank), optionally mixed with a dense branch (PR-MoE residual):
 
-        y = p0 · moe(x) + p1 · ffn(x),   (p0, p1) = softmax(x · W_c)
+        y = p0 · moe(x) + p1 · ffn(x),   (p0, p1) = softmax(x · W_c + b_c)      residual_gate "softmax"
+        y = moe(x) + σ(x · w_c + b_c) · ffn(x)                                  residual_gate "sigmoid"
+
+    ("sigmoid" is Qwen2-MoE's gated shared expert; no b_c when bias = False.)
     """
 
     def __init__(self, router: nn.Module, experts: nn.Module, activation: str, residual: FeedForward | None = None,
-                 ep: ExpertParallel | None = None):
+                 ep: ExpertParallel | None = None, residual_gate: str = "softmax", bias: bool = True):
         super().__init__()
         self.router = router
         self.experts = experts
         self.activation = activation
         self.residual = residual
-        self.residual_coef = nn.Linear(residual.fc1.in_features, 2) if residual is not None else None
+        self.residual_gate = residual_gate
+        outputs = 2 if residual_gate == "softmax" else 1
+        self.residual_coef = nn.Linear(residual.fc1.in_features, outputs, bias=bias) if residual is not None else None
         self.last_stats: dict[str, Tensor] = {}
         self.ep = ep  # experts spread over the processes of an expert-parallel group
         self.a2a_bytes = 0  # bytes sent to other processes by forwards since the last reset
@@ -66,7 +71,9 @@ class MoEFeedForward(nn.Module):
             self.a2a_bytes += sent
         y = y.view(B, S, d)
         self.last_stats = routing.stats()
-        if self.residual is not None:
+        if self.residual is not None and self.residual_gate == "sigmoid":
+            y = y + torch.sigmoid(self.residual_coef(x)) * self.residual(x)
+        elif self.residual is not None:
             p = self.residual_coef(x).softmax(dim=-1)
             y = y * p[..., :1] + self.residual(x) * p[..., 1:]
         return y, routing.aux

@@ -36,6 +36,8 @@ from samoe.train.distributed import (Layout, all_mean, all_sum, clip_grad_norm, 
                                      reset_a2a_bytes, reshard, run_on_main, seed_process, shard_optimizer_state,
                                      shutdown, step_a2a_bytes, sync_router_loads, wrap_ddp)
 from samoe.train.optim import build_optimizer, lr_at
+from samoe.train.upcycle import check_fits as check_upcycle_fits
+from samoe.train.upcycle import load_dense_source, upcycle
 
 
 
@@ -91,22 +93,31 @@ def _truncate_metrics(path: Path, step: int) -> None:
         write_text_atomic(path, "".join(r + "\n" for r in rows))
 
 
-def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
+          init_from: str | Path | None = None, init_noise: float = 0.0) -> dict:
     """Train (or resume) the run in run_dir; return the summary written to summary.json.
 
     Under torchrun (WORLD_SIZE > 1) this is one process of a data + expert parallel run
-    (train/distributed.py); the main process writes the run directory."""
+    (train/distributed.py); the main process writes the run directory. `init_from`: a dense
+    run or samoe-hf export to upcycle the new model from (train/upcycle.py), with relative
+    expert noise `init_noise`."""
     joined = dist.is_initialized()
     layout, device = init_layout(cfg, resolve_device(cfg.train.device))
     try:
-        return _train(cfg, Path(run_dir), resume, progress, layout, device)
+        return _train(cfg, Path(run_dir), resume, progress, layout, device, init_from, init_noise)
     finally:
         if not joined:
             shutdown(layout)
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Layout, device: torch.device) -> dict:
+def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Layout, device: torch.device,
+           init_from: str | Path | None = None, init_noise: float = 0.0) -> dict:
     main = layout.is_main
+    source = None
+    if init_from is not None and not resume:  # upcycling: the source's tokenizer, checked before any write
+        source = load_dense_source(init_from)
+        cfg.model.vocab_size = source.tokenizer.vocab_size
+        check_upcycle_fits(cfg.model, source)
     if resume:
         tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
         ckpt = latest_checkpoint(run_dir)
@@ -126,7 +137,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Lay
         return splits
 
     def start_run():  # the main process trains the tokenizer and writes the run's first files
-        splits = load_data(None)
+        splits = load_data(source.tokenizer if source is not None else None)
         cfg.model.vocab_size = splits.tokenizer.vocab_size
         run_dir.mkdir(parents=True, exist_ok=True)
         splits.tokenizer.save(run_dir / TOKENIZER_FILE)
@@ -145,6 +156,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Lay
     data_gen = torch.Generator().manual_seed(cfg.train.seed)
     model = GPT(cfg.model, layout.ep).to(device)  # identical on every process but for the expert shards
     layout.expert_axes = expert_axes(model) if layout.ep is not None else {}
+    if source is not None:
+        upcycle(model, source, init_noise, cfg.train.seed, reshard(layout))
     if cfg.model.moe.hash_map == "balanced" and not resume:
         model.set_token_frequencies(torch.from_numpy(np.bincount(splits.train.tokens, minlength=cfg.model.vocab_size)))
     params = count_config_params(cfg.model)  # the whole model's, whatever this process holds

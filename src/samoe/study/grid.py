@@ -33,8 +33,12 @@ from pathlib import Path
 
 import yaml
 
+import torch
+
 from samoe.analysis.flops import flops_report
 from samoe.analysis.params import count_config_params
+from samoe.bench.timing import interleaved_medians
+from samoe.bench.training import train_step
 from samoe.config import Config, load_config
 from samoe.errors import ConfigError
 from samoe.runs import CONFIG_FILE, SUMMARY_FILE, read_json
@@ -143,6 +147,24 @@ def describe(cell: Cell) -> dict:
             "train_flops_per_token": fl["train_flops_per_token"], "train_flops": fl["train_flops"]}
 
 
+def estimate_seconds(cells: list[Cell], threads: int, repeats: int = 3) -> dict[str, float]:
+    """Estimated training seconds of each cell (by name): the median time of `repeats` optimiser
+    steps of its model on random tokens (after one warm-up), with `threads` torch threads, times
+    its steps. Evaluation and data preparation are not counted. Cells differing only in the seed
+    are timed once."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        per_step: dict[tuple, float] = {}
+        for c in cells:
+            key = (c.preset, tuple(c.overrides))
+            if key not in per_step:
+                per_step[key] = interleaved_medians({"step": train_step(c.cfg)}, repeats, warmup=1)["step"]
+        return {c.name: per_step[(c.preset, tuple(c.overrides))] * c.cfg.train.max_steps for c in cells}
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_command(cell: Cell) -> list[str]:
     """The `samoe train` command line that (re)starts a cell."""
     base = [sys.executable, "-m", "samoe", "train", "--quiet"]
@@ -151,7 +173,7 @@ def train_command(cell: Cell) -> list[str]:
     return base + ["--preset", cell.preset, *cell.overrides, "--seed", str(cell.seed), "--out", str(cell.run_dir)]
 
 
-def _fmt_s(s: float) -> str:
+def format_seconds(s: float) -> str:
     s = int(round(s))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
@@ -197,5 +219,5 @@ def run_cells(cells: list[Cell], out: Path, jobs: int = 1, threads: int | None =
             left = sum(c.tokens for c in remaining) + sum(c.tokens for c, *_ in running)
             eta = left / max(finished_tokens / busy_s, 1e-9) / jobs
             log(f"[{done_count}/{total}] {cell.name}: val_loss {summary['val_loss']:.4f} "
-                f"(ppl {summary['val_ppl']:.2f}) in {_fmt_s(wall)}; grid ETA {_fmt_s(eta)}")
+                f"(ppl {summary['val_ppl']:.2f}) in {format_seconds(wall)}; grid ETA {format_seconds(eta)}")
     return failed

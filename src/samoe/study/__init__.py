@@ -1,0 +1,1 @@
+"""Studies: grids of runs (grid.py) and their generated reports (report.py)."""

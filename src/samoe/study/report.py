@@ -1,0 +1,221 @@
+"""`samoe study report DIR`: a study directory's runs as one Markdown report with plots.
+
+Runs are found by their summary.json anywhere under DIR; a run at DIR/[corpus/]arm/seed{s} belongs
+to arm `[corpus/]arm`. Per arm, over its seeds:
+
+- val loss / ppl / bpb: mean ± sample standard deviation (n - 1) of the final evaluations;
+- tokens/s: the median over logged steps of each run (evaluation excluded), then the mean
+  over seeds;
+- training time of a run: Σ over logged rows of (steps since the previous row) × tokens per
+  step / that row's tokens/s, so the wall-clock axis is the run's own measured speed and
+  excludes evaluation and checkpointing;
+- curves: val loss at each evaluation step, mean over seeds with a ± std band;
+- at equal training time: each arm's val loss when the first arm finished training.
+
+The plots: val loss vs tokens, val loss vs training seconds, and final val loss vs total
+parameters (each arm one point with its std as an error bar: the efficiency frontier).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from samoe.errors import UserError
+from samoe.fileio import write_text_atomic
+from samoe.runs import SUMMARY_FILE, read_json, read_metrics
+
+
+@dataclass
+class Run:
+    path: Path
+    summary: dict
+    curve: list[tuple[int, int, float, float]]  # (step, tokens, seconds, val_loss)
+    tokens_per_s: float
+
+
+@dataclass
+class Arm:
+    name: str
+    runs: list[Run] = field(default_factory=list)
+
+    def stat(self, key: str) -> tuple[float, float]:
+        return mean_std([r.summary[key] for r in self.runs])
+
+    @property
+    def params(self) -> dict:
+        return self.runs[0].summary["params"]
+
+    def curve(self) -> list[tuple[int, float, float, float, float]]:
+        """(tokens, mean seconds, mean val loss, std, n) at the steps every seed evaluated."""
+        steps = set.intersection(*({c[0] for c in r.curve} for r in self.runs))
+        out = []
+        for s in sorted(steps):
+            rows = [next(c for c in r.curve if c[0] == s) for r in self.runs]
+            m, sd = mean_std([c[3] for c in rows])
+            out.append((rows[0][1], statistics.mean(c[2] for c in rows), m, sd, len(rows)))
+        return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value; nan if any value is nan)."""
+    if any(math.isnan(v) for v in values):
+        return math.nan, math.nan
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def read_run(path: Path) -> Run:
+    summary = read_json(path / SUMMARY_FILE)
+    rows = read_metrics(path)
+    tokens_per_step = summary["tokens"] // max(summary["steps"], 1)
+    curve, seconds, prev = [], 0.0, 0
+    for row in rows:
+        seconds += (row["step"] - prev) * tokens_per_step / row["tokens_per_s"]
+        prev = row["step"]
+        if "val_loss" in row:
+            curve.append((row["step"], row["tokens"], seconds, row["val_loss"]))
+    speed = statistics.median(r["tokens_per_s"] for r in rows) if rows else float("nan")
+    return Run(path, summary, curve, speed)
+
+
+def collect(study_dir: str | Path) -> list[Arm]:
+    """The arms of a study directory, in sorted order of their names."""
+    root = Path(study_dir)
+    if not root.is_dir():
+        raise UserError(f"study directory '{root}' does not exist")
+    arms: dict[str, Arm] = {}
+    for summary in sorted(root.rglob(SUMMARY_FILE)):
+        run_dir = summary.parent
+        rel = run_dir.relative_to(root).parts
+        name = "/".join(rel[:-1]) if len(rel) > 1 and rel[-1].startswith("seed") else "/".join(rel)
+        arms.setdefault(name, Arm(name)).runs.append(read_run(run_dir))
+    if not arms:
+        raise UserError(f"'{root}' holds no finished runs (no {SUMMARY_FILE} below it)")
+    return [arms[k] for k in sorted(arms)]
+
+
+def arm_rows(arms: list[Arm]) -> list[dict]:
+    """One dict per arm: the numbers of the report's table (and of --json)."""
+    out = []
+    for a in arms:
+        loss, loss_sd = a.stat("val_loss")
+        ppl, ppl_sd = a.stat("val_ppl")
+        bpb, bpb_sd = a.stat("val_bpb")
+        s = a.runs[0].summary
+        out.append({"arm": a.name, "seeds": len(a.runs), "total_params": a.params["total"],
+                    "active_params": a.params["active"], "steps": s["steps"], "tokens": s["tokens"],
+                    "train_flops": s["train_flops"], "pf_days": s["pf_days"],
+                    "tokens_per_s": statistics.mean(r.tokens_per_s for r in a.runs),
+                    "train_s": statistics.mean(r.curve[-1][2] if r.curve else math.nan for r in a.runs),
+                    "val_loss": loss, "val_loss_std": loss_sd, "val_ppl": ppl, "val_ppl_std": ppl_sd,
+                    "val_bpb": bpb, "val_bpb_std": bpb_sd})
+    return out
+
+
+def loss_at_seconds(run: Run, seconds: float) -> float:
+    """The run's val loss at `seconds` of training, linear between its evaluations (nan
+    before the first or after the last)."""
+    pts = [(c[2], c[3]) for c in run.curve]
+    for (t0, l0), (t1, l1) in zip(pts, pts[1:]):
+        if t0 <= seconds <= t1:
+            return l0 + (l1 - l0) * (seconds - t0) / (t1 - t0)
+    return pts[-1][1] if pts and abs(pts[-1][0] - seconds) < 1e-9 else math.nan
+
+
+def equal_time_rows(arms: list[Arm]) -> tuple[float, list[dict]]:
+    """Every arm's val loss (mean ± std over seeds) at the training time at which the first arm
+    to finish finished: the per-second comparison beside the per-step one."""
+    t = min(r.curve[-1][2] for a in arms for r in a.runs if r.curve)
+    rows = []
+    for a in arms:
+        m, sd = mean_std([loss_at_seconds(r, t) for r in a.runs])
+        rows.append({"arm": a.name, "seconds": t, "val_loss": m, "val_loss_std": sd})
+    return t, rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ("| arm | seeds | total params | active params | train FLOPs | PF-days | tokens/s | train s "
+            "| val loss | val ppl | val bpb |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['seeds']} | {r['total_params']:,} | {r['active_params']:,} "
+                     f"| {r['train_flops']:.3g} | {r['pf_days']:.3g} | {r['tokens_per_s']:,.0f} | {r['train_s']:,.0f} "
+                     f"| {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} | {r['val_ppl']:.2f} ± {r['val_ppl_std']:.2f} "
+                     f"| {r['val_bpb']:.4f} ± {r['val_bpb_std']:.4f} |")
+    return "\n".join(lines)
+
+
+def plot(arms: list[Arm], out_dir: Path, prefix: str = "") -> list[Path]:
+    """loss-tokens.png, loss-seconds.png and loss-params.png in out_dir; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for x_name, index, label in (("tokens", 0, "training tokens"), ("seconds", 1, "training seconds (measured tokens/s)")):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for a in arms:
+            c = a.curve()
+            if not c:
+                continue
+            xs, ys, sd = [p[index] for p in c], [p[2] for p in c], [p[3] for p in c]
+            line, = ax.plot(xs, ys, label=f"{a.name} (n={len(a.runs)})")
+            ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
+                            color=line.get_color(), alpha=0.2)
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation loss (nats/token)")
+        _zoom(ax, [p[2] for a in arms for p in a.curve()])
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out_dir / f"{prefix}loss-{x_name}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for a in arms:
+        m, sd = a.stat("val_loss")
+        ax.errorbar([a.params["total"]], [m], yerr=[sd], fmt="o", capsize=3, label=a.name)
+        ax.annotate(a.name, (a.params["total"], m), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("total parameters")
+    ax.set_ylabel("final validation loss (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / f"{prefix}loss-params.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [*paths, path]
+
+
+def _zoom(ax, values: list[float]) -> None:
+    """Leave out the first steep evaluations so the differences at the end are visible."""
+    if values:
+        finals = sorted(values)
+        low, high = finals[0], finals[min(len(finals) - 1, int(0.8 * len(finals)))]
+        ax.set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.05 * (high - low + 1e-9))
+
+
+def write_report(study_dir: str | Path) -> tuple[Path, list[dict]]:
+    """DIR/report.md and DIR/loss-*.png; returns the report's path and the table rows."""
+    root = Path(study_dir)
+    arms = collect(root)
+    rows = arm_rows(arms)
+    images = plot(arms, root)
+    text = [f"# Study report: {root.name}", "",
+            "Generated by `samoe study report`. Final validation metrics are mean ± std over seeds; "
+            "tokens/s is each run's median over logged steps; train s excludes evaluation.", "",
+            format_table(rows), ""]
+    t, timed = equal_time_rows(arms)
+    text += [f"At equal training time ({t:,.0f} s, when the first arm finished; val loss interpolated between "
+             "evaluations):", "", "| arm | val loss at equal time |", "| --- | ---: |"]
+    text += [f"| {r['arm']} | {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} |" for r in timed]
+    text += [""] + [f"![{p.stem}]({p.name})" for p in images]
+    path = root / "report.md"
+    write_text_atomic(path, "\n".join(text) + "\n")
+    write_text_atomic(root / "report.json", json.dumps(rows, indent=1) + "\n")
+    return path, rows

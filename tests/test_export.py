@@ -1,0 +1,207 @@
+"""`samoe export`: the exported model, loaded by transformers, is the same model.
+
+Run directories are made without training (tiny configs, random weights scaled up so that
+routing and every branch matter), written as training writes them. For each kind of model:
+logits within 1e-5 (fp32) of samoe's on a fixed batch, the same greedy tokens as samoe's
+GPT.generate(temperature=0), materialised = pooled, stock formats without remote code, and
+the user-error contract (one line, exit 2, nothing written).
+"""
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from samoe.cli import main
+from samoe.config import load_config, save_config
+from samoe.data.tokenizer import BPETokenizer, ByteTokenizer
+from samoe.hf.export import REMOTE_CODE
+from samoe.model.gpt import GPT
+from samoe.train.checkpoint import save_checkpoint
+
+transformers = pytest.importorskip("transformers")
+
+LLAMA = ["model.norm=rmsnorm", "model.bias=false", "model.activation=swiglu", "model.positions=rotary"]
+KINDS = {
+    "dense": ["model.moe.enabled=false"],
+    "pool-switch": [],  # the tiny preset: SaMoE pool K = 2, switch router
+    "private-gshard": ["model.moe.sharing=private", "model.moe.router=gshard"],
+    "shared-topk3": ["model.moe.sharing=shared", "model.moe.shared_experts=6", "model.moe.router=topk",
+                     "model.moe.top_k=3"],
+    "expert-choice": ["model.moe.router=expert_choice", "model.moe.top_k=2"],
+    "hash": ["model.moe.router=hash"],
+    "base-residual": ["model.moe.router=base", "model.moe.residual=true", "model.moe.sharing=private"],
+    "pyramid-expert-rotary": ["model.moe.experts_per_layer=[2,4]", "model.moe.pool.granularity=expert",
+                              "model.positions=rotary", "model.tie_embeddings=false"],
+    "llama-sigmoid-frozen": LLAMA + ["model.moe.residual=true", "model.moe.residual_gate=sigmoid",
+                                     "model.moe.pool.init=cycle", "model.moe.pool.freeze=true",
+                                     "model.moe.aux_free_bias=true", "model.moe.router=gshard"],
+}
+STOCK = {
+    "mixtral": LLAMA + ["model.moe.router=topk", "model.moe.top_k=2", "model.moe.sharing=private"],
+    "qwen2_moe": LLAMA + ["model.n_layers=3", "model.moe.every=2", "model.moe.residual=true",
+                          "model.moe.residual_gate=sigmoid"],  # switch over a pool, one dense block
+    "qwen2_moe-dense": LLAMA + ["model.moe.enabled=false", "model.tie_embeddings=false"],
+}
+
+
+def _run(*argv) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def make_run(root: Path, overrides: list[str], seed: int = 0, tokenizer=None) -> tuple[Path, GPT]:
+    """A run directory holding a tiny model with random (not trained) weights, as training writes it."""
+    tokenizer = tokenizer or ByteTokenizer()
+    cfg = load_config(preset="tiny", overrides=[f"model.vocab_size={tokenizer.vocab_size}", "data.tokenizer=byte",
+                                                *overrides])
+    torch.manual_seed(seed)
+    model = GPT(cfg.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.15 if p.dim() > 1 else 0.1))
+    root.mkdir(parents=True)
+    save_config(cfg, root / "config.yaml")
+    tokenizer.save(root / "tokenizer.json")
+    save_checkpoint(root, 1, model, {})
+    return root, model.eval()
+
+
+def _load(out: Path, remote: bool = True):
+    return transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=remote).eval()
+
+
+BATCH = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(7))
+
+
+def _assert_same_model(model: GPT, hf, eot: int = 256) -> None:
+    with torch.no_grad():
+        ours, theirs = model(BATCH).logits, hf(input_ids=BATCH).logits
+    assert theirs.dtype == torch.float32
+    assert (ours - theirs).abs().max().item() < 1e-5
+    prompt = BATCH[:1, :6]
+    want = model.generate(prompt, 10, temperature=0)[0, 6:].tolist()
+    got = hf.generate(prompt, max_new_tokens=10, do_sample=False)[0, 6:].tolist()
+    if eot in want:  # transformers stops at the end-of-text token, samoe's generate does not
+        want = want[: want.index(eot) + 1]
+    assert got == want
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_samoe_hf_export_is_the_same_model(tmp_path, kind):
+    run, model = make_run(tmp_path / "run", KINDS[kind])
+    code, out, err = _run("export", run, "--out", tmp_path / "hf")
+    assert code == 0, err
+    files = {p.name for p in (tmp_path / "hf").iterdir()}
+    assert {"config.json", "configuration_samoe.py", "modeling_samoe.py", "model.safetensors", "tokenizer.json",
+            "tokenizer_config.json", "generation_config.json"} <= files
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_samoe.SamoeForCausalLM"
+    hf = _load(tmp_path / "hf")
+    assert type(hf).__name__ == "SamoeForCausalLM" and isinstance(hf, transformers.GenerationMixin)
+    _assert_same_model(model, hf)
+    if model.moe_layers():  # MoE outputs: one [T, E] router-logit tensor per MoE layer
+        res = hf(input_ids=BATCH, output_router_logits=True)
+        assert len(res.router_logits) == len(model.moe_layers())
+        assert res.router_logits[0].shape[0] == BATCH.numel() and res.aux_loss is not None
+
+
+def test_remote_code_is_self_contained():
+    for f in REMOTE_CODE.glob("*.py"):
+        text = f.read_text()
+        assert "import samoe" not in text and "from samoe" not in text, f
+
+
+@pytest.mark.parametrize("kind", ["pool-switch", "shared-topk3", "pyramid-expert-rotary"])
+def test_materialized_equals_pooled(tmp_path, kind):
+    run, model = make_run(tmp_path / "run", KINDS[kind])
+    assert _run("export", run, "--out", tmp_path / "pooled")[0] == 0
+    assert _run("export", run, "--out", tmp_path / "flat", "--materialize")[0] == 0
+    with safe_open(str(tmp_path / "flat" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert not any(n.startswith(("model.expert_pool.", "model.expert_bank.")) or "coef_logits" in n for n in names)
+    assert "model.blocks.0.ffn.experts.w1" in names
+    with torch.no_grad():
+        pooled, flat = _load(tmp_path / "pooled")(input_ids=BATCH).logits, _load(tmp_path / "flat")(input_ids=BATCH).logits
+    assert (pooled - flat).abs().max().item() < 1e-5
+    if kind == "pool-switch":  # SaMoE's saving holds on disk: K = 2 expert layers stored, not L_moe = 2 x ...
+        assert (tmp_path / "pooled" / "model.safetensors").stat().st_size <= (tmp_path / "flat" / "model.safetensors").stat().st_size
+
+
+@pytest.mark.parametrize("fmt", list(STOCK))
+def test_stock_formats_load_without_remote_code(tmp_path, fmt):
+    run, model = make_run(tmp_path / "run", STOCK[fmt])
+    name = fmt.split("-")[0]
+    code, _, err = _run("export", run, "--out", tmp_path / "hf", "--format", name)
+    assert code == 0, err
+    assert not list((tmp_path / "hf").glob("*.py"))
+    hf = _load(tmp_path / "hf", remote=False)
+    assert type(hf).__name__ == {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}[name]
+    _assert_same_model(model, hf)
+
+
+def test_bfloat16_export(tmp_path):
+    run, _ = make_run(tmp_path / "run", [])
+    assert _run("export", run, "--out", tmp_path / "hf", "--dtype", "bfloat16")[0] == 0
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.wte.weight").dtype == torch.bfloat16
+    assert _load(tmp_path / "hf")(input_ids=BATCH).logits.shape == (2, 24, 257)
+
+
+@pytest.mark.parametrize("kind", ["byte", "bpe"])
+def test_auto_tokenizer_gives_samoe_ids(tmp_path, kind):
+    text = "def pool(x):\n    return x  # héllo wörld"
+    tok = ByteTokenizer() if kind == "byte" else BPETokenizer.train([text * 3, "the pool of experts"] * 20, 300)
+    run, _ = make_run(tmp_path / "run", [], tokenizer=tok)
+    assert _run("export", run, "--out", tmp_path / "hf")[0] == 0
+    hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
+    assert hf_tok(text)["input_ids"] == tok.encode(text)
+    assert hf_tok.eos_token_id == tok.eot_id
+    assert hf_tok.decode(tok.encode(text)) == text
+
+
+def _assert_user_error(result, *names) -> None:
+    code, out, err = result
+    lines = err.splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("samoe: error:"), err
+    for name in names:
+        assert name in lines[0], lines[0]
+
+
+def test_export_of_a_directory_that_is_not_a_run(tmp_path):
+    (tmp_path / "notarun").mkdir()
+    _assert_user_error(_run("export", tmp_path / "notarun", "--out", tmp_path / "hf"), "notarun", "config.yaml")
+    assert not (tmp_path / "hf").exists() and list(tmp_path.iterdir()) == [tmp_path / "notarun"]
+
+
+@pytest.mark.parametrize("fmt, overrides, field", [
+    ("mixtral", [], "model.norm"),
+    ("mixtral", LLAMA + ["model.moe.router=switch"], "model.moe.router"),  # top-1 gates are not renormalised
+    ("mixtral", LLAMA + ["model.moe.router=topk", "model.moe.top_k=1"], "model.moe.top_k"),
+    ("mixtral", LLAMA + ["model.moe.router=gshard", "model.n_layers=3", "model.moe.every=2"], "model.moe.every"),
+    ("qwen2_moe", [o for o in LLAMA if "bias" not in o], "model.bias"),
+    ("qwen2_moe", LLAMA + ["model.moe.residual=true"], "model.moe.residual_gate"),
+    ("qwen2_moe", LLAMA + ["model.moe.router=hash"], "model.moe.router"),
+    ("qwen2_moe", LLAMA + ["model.moe.experts_per_layer=[2,4]"], "model.moe.experts_per_layer"),
+])
+def test_stock_format_the_config_does_not_fit(tmp_path, fmt, overrides, field):
+    run, _ = make_run(tmp_path / "run", overrides)
+    _assert_user_error(_run("export", run, "--out", tmp_path / "hf", "--format", fmt), field, fmt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_export_refuses_a_non_empty_out(tmp_path):
+    run, _ = make_run(tmp_path / "run", [])
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "keep.txt").write_text("mine")
+    _assert_user_error(_run("export", run, "--out", tmp_path / "hf"), "hf")
+    assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep.txt"]
