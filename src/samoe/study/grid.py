@@ -55,6 +55,7 @@ class Cell:
     overrides: list[str]  # the arm's, then the corpus's
     run_dir: Path
     cfg: Config = field(repr=False)
+    arm_seeds: list[int] = field(default_factory=list)  # every seed of this arm, in study order
 
     @property
     def name(self) -> str:
@@ -135,7 +136,7 @@ def load_study(path: str | Path, out: str | Path) -> list[Cell]:
             for seed in arm_seeds:
                 cfg_seed = load_config(preset=arm_preset, overrides=overrides + [f"train.seed={seed}"])
                 parts = [p for p in (corpus, arm, f"seed{seed}") if p]
-                cells.append(Cell(arm, seed, corpus, arm_preset, overrides, Path(out, *parts), cfg_seed))
+                cells.append(Cell(arm, seed, corpus, arm_preset, overrides, Path(out, *parts), cfg_seed, arm_seeds))
     return cells
 
 
@@ -183,7 +184,10 @@ def run_cells(cells: list[Cell], out: Path, jobs: int = 1, threads: int | None =
     """Train every unfinished cell, `jobs` at a time, each with `threads` torch threads
     (default: the cores shared out evenly). One line per finished run, with the ETA of the
     grid from the tokens/s measured so far. Returns the cells that failed."""
-    todo = [c for c in cells if c.state() != "done"]
+    # seed-major: every arm's first seed before any arm's second, so a grid stopped early
+    # still compares every arm
+    rank = {c.name: (c.arm_seeds.index(c.seed), i) for i, c in enumerate(cells)}
+    todo = sorted((c for c in cells if c.state() != "done"), key=lambda c: rank[c.name])
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     logs = Path(out) / "logs"
