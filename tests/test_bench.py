@@ -1,39 +1,127 @@
 """The benchmark suite's machinery at toy sizes: it measures what it says and reports every
-ratio under its stable name (the speeds themselves are never asserted)."""
+ratio under its stable name. The speeds themselves are never asserted; what is asserted is that
+the measuring is right: medians over the repeats after warm-up (on a fake clock), cases run
+round-robin, peers measured when installed and skipped by name when not, and peak memory that
+follows an allocation of known size."""
 
+import importlib.util
 import json
+import math
+import subprocess
+import sys
+import time
 
-from samoe.bench import suite
+import pytest
+
+from samoe.bench import peers, suite, timing
 from samoe.bench.layers import Shape, layer_ratios
 from samoe.bench.timing import interleaved_medians, peak_rss_mib, run_isolated
 
 
-def test_interleaved_medians_runs_each_case_warmup_plus_repeats_times():
-    calls = {"a": 0, "b": 0}
+class FakeClock:
+    """time.perf_counter for timing.py: each case advances it by the next of its durations."""
 
-    def bump(name):
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+    def case(self, name, durations, calls):
+        durations = iter(durations)
+
         def fn():
-            calls[name] += 1
+            calls.append(name)
+            self.now += next(durations)
         return fn
 
-    t = interleaved_medians({"a": bump("a"), "b": bump("b")}, repeats=3, warmup=2)
-    assert calls == {"a": 5, "b": 5} and set(t) == {"a", "b"} and all(v >= 0 for v in t.values())
+
+def test_interleaved_medians_are_medians_of_the_repeats_after_warmup_in_round_robin(monkeypatch):
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(timing.time, "perf_counter", clock)  # time.perf_counter, restored after
+    # warm-up calls are slow and must not count; the medians of the repeats are 3 and 20
+    t = interleaved_medians({"a": clock.case("a", [100, 100, 1, 5, 3], calls),
+                             "b": clock.case("b", [50, 50, 20, 10, 30], calls)}, repeats=3, warmup=2)
+    assert calls == ["a", "b"] * 5
+    assert t == {"a": 3, "b": 20}
+
+
+def test_interleaved_medians_on_the_real_clock():
+    t = interleaved_medians({"sleep": lambda: time.sleep(0.02), "noop": lambda: None},
+                            repeats=3, warmup=1)
+    assert t["sleep"] >= 0.02 > t["noop"] >= 0
 
 
 def test_layer_ratios_have_stable_names():
     r = layer_ratios(Shape(tokens=64, d_model=8, hidden=16), experts=(4, 8), repeats=1)
     assert {"moe_vs_dense_e4", "moe_vs_dense_e8", "samoe_vs_moe"} <= set(r)
     assert r["moe_vs_dense_e4"] == r["time_moe_e4"] / r["time_dense"]
+    assert all(math.isfinite(v) and v > 0 for k, v in r.items() if k.startswith(("time_", "moe_vs", "samoe_vs")))
 
 
-def test_peer_comparison_reports_each_peer_or_why_it_was_skipped():
+def test_peer_comparison_records_a_skipped_peer_and_divides_the_peer_time_by_ours(monkeypatch):
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(timing.time, "perf_counter", clock)  # time.perf_counter, restored after
+
+    def missing(shape, E):
+        raise ModuleNotFoundError("No module named 'nopeer'", name="nopeer")
+
+    def slow_peer(shape, E):  # the peer takes 6 time units per call, ours 2
+        peer, ours = clock.case("peer", [6] * 3, calls), clock.case("ours", [2] * 3, calls)
+        return (lambda x: _Sum(peer)), ((lambda x: _Sum(ours)), None)
+
+    monkeypatch.setattr(peers, "PEERS", {"gone": missing, "slow": slow_peer})
+    r = peers.compare(Shape(tokens=4, d_model=2, hidden=4), E=2, repeats=1)
+    assert r["skipped"] == {"gone": "not installed (nopeer)"}
+    assert r["peer_slow_vs_ours"] == 3 and (r["time_peer_slow"], r["time_ours_for_slow"]) == (6, 2)
+    assert "peer_gone_vs_ours" not in r
+
+
+class _Sum:
+    """Stands for a layer's output: .sum().backward() runs the case."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def sum(self):
+        return self
+
+    def backward(self):
+        self.fn()
+
+
+@pytest.mark.slow
+def test_installed_peers_are_measured_and_the_others_skipped_by_name():
     r = run_isolated("samoe.bench.peers", "32", "8", "16", "4", "1")  # a process of its own, as the suite runs it
-    for name in ("hf_switch", "hf_mixtral", "deepspeed"):
-        assert f"peer_{name}_vs_ours" in r or name in r["skipped"]
+    measured = {n for n in peers.PEERS if f"peer_{n}_vs_ours" in r}
+    assert measured | set(r["skipped"]) == set(peers.PEERS) and not measured & set(r["skipped"])
+    if importlib.util.find_spec("transformers") is not None:  # a dev install has it
+        assert {"hf_switch", "hf_mixtral"} <= measured, r["skipped"]
+    for name in measured:
+        assert math.isfinite(r[f"peer_{name}_vs_ours"]) and r[f"peer_{name}_vs_ours"] > 0
+    for name, why in r["skipped"].items():
+        assert why.startswith("not installed ("), (name, why)
 
 
-def test_peak_memory_worker_reports_its_own_peak():
+ALLOCATE = """
+import json, sys
+from samoe.bench.timing import peak_rss_mib
+before = peak_rss_mib()
+block = bytearray(200 * 2**20)  # 200 MiB, zero-filled: every page touched
+print(json.dumps({"before": before, "after": peak_rss_mib()}))
+"""
+
+
+@pytest.mark.slow
+def test_peak_rss_follows_an_allocation_of_known_size():
+    out = subprocess.run([sys.executable, "-c", ALLOCATE], capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout)
+    assert 190 <= r["after"] - r["before"] <= 260, r
     assert peak_rss_mib() > 0
+
+
+@pytest.mark.slow
+def test_peak_memory_worker_reports_its_own_peak():
     out = run_isolated("samoe.bench.memory", "moe", "1")
     assert out["peak_mib"] > 10  # two training steps of a 12-layer model allocate real memory
 

@@ -5,8 +5,6 @@ Every mistake in what the user passes gives exit status 2 and exactly one stderr
 existing run directory byte-for-byte unchanged. Commands run in-process via samoe.cli.main.
 """
 
-import contextlib
-import io
 import json
 import os
 import random
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from helpers import assert_user_error, run_cli
 from samoe.cli import main
 
 # A few-second run: the tiny preset, bytes as tokens, 3 steps, one evaluation and checkpoint.
@@ -43,27 +42,6 @@ def _write_corpus(path: Path) -> Path:
     return path
 
 
-def _run(*argv) -> tuple[int, str, str]:
-    """main(argv) in-process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def _assert_user_error(result, *names) -> str:
-    code, out, err = result
-    assert "Traceback" not in err and "Traceback" not in out
-    lines = err.splitlines()
-    assert len(lines) == 1 and lines[0].strip(), f"expected one stderr line, got {err!r}"
-    line = lines[0]
-    assert line.startswith("samoe: error:"), line
-    for name in names:
-        assert str(name) in line, f"{name!r} not named in {line!r}"
-    assert code == 2
-    return line
-
-
 def _snapshot(root: Path) -> dict:
     """Every file (hidden ones too) under root: relative path -> (bytes, mtime_ns, mode)."""
     return {str(p.relative_to(root)): (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_mode)
@@ -84,7 +62,7 @@ def trained(tmp_path_factory):
     corpus = _write_corpus(root / "corpus.txt")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAMOE_CACHE", str(root / "cache"))
-        result = _run("train", "--data", corpus, "--out", root / "run", *FAST)
+        result = run_cli("train", "--data", corpus, "--out", root / "run", *FAST)
     return root / "run", corpus, result
 
 
@@ -105,7 +83,7 @@ def corpus(tmp_path):
 
 
 def test_params_json():
-    code, out, err = _run("params", "tiny", "--json")
+    code, out, err = run_cli("params", "tiny", "--json")
     assert code == 0 and "Traceback" not in err
     counts = json.loads(out)
     assert type(counts["total"]) is int and type(counts["active"]) is int
@@ -136,7 +114,7 @@ def test_train_writes_the_run_directory(trained):
 
 def test_eval_json(trained):
     run = trained[0]
-    code, out, err = _run("eval", run, "--json")
+    code, out, err = run_cli("eval", run, "--json")
     assert code == 0, err
     result = json.loads(out)
     for key in ("val_loss", "val_ppl", "val_bpb"):
@@ -147,40 +125,43 @@ def test_eval_json(trained):
 
 def test_eval_text_and_other_data(trained):
     run, corpus, _ = trained
-    code, out, err = _run("eval", run, "--data", corpus, "--max-tokens", "128")
+    code, out, err = run_cli("eval", run, "--data", corpus, "--max-tokens", "128")
     assert code == 0, err
     assert "val_loss" in out and "val_bpb" in out
 
 
 def test_generate_prints_text(trained):
-    code, out, err = _run("generate", trained[0], "--prompt", "x", "--max-tokens", "5")
+    code, out, err = run_cli("generate", trained[0], "--prompt", "x", "--max-tokens", "5")
     assert code == 0, err
     assert out.startswith("x") and len(out.strip()) >= 1
 
 
+@pytest.mark.slow
 def test_resume_continues_the_run(run_copy):
-    code, out, err = _run("train", "--resume", "--out", run_copy, "--max-steps", "4", "--quiet")
+    code, out, err = run_cli("train", "--resume", "--out", run_copy, "--max-steps", "4", "--quiet")
     assert code == 0, err
     assert json.loads((run_copy / "summary.json").read_text())["steps"] == 4
     rows = [json.loads(line) for line in (run_copy / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows][-2:] == [3, 4]
 
 
+@pytest.mark.slow
 def test_train_on_jsonl(tmp_path):
     data = tmp_path / "docs.jsonl"
     data.write_text("".join(json.dumps({"text": p, "id": i}) + "\n" for i, p in enumerate(_paragraphs(30))))
-    code, out, err = _run("train", "--data", data, "--out", tmp_path / "r", *FAST, "train.max_steps=1")
+    code, out, err = run_cli("train", "--data", data, "--out", tmp_path / "r", *FAST, "train.max_steps=1")
     assert code == 0, err
     assert (tmp_path / "r" / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_train_on_a_directory(tmp_path):
     data = tmp_path / "texts"
     (data / "sub").mkdir(parents=True)
     paras = _paragraphs(30, seed=1)
     (data / "a.txt").write_text("\n\n".join(paras[:15]))
     (data / "sub" / "b.md").write_text("\n\n".join(paras[15:]))
-    code, out, err = _run("train", "--data", data, "--out", tmp_path / "r", *FAST, "train.max_steps=1")
+    code, out, err = run_cli("train", "--data", data, "--out", tmp_path / "r", *FAST, "train.max_steps=1")
     assert code == 0, err
     assert (tmp_path / "r" / "summary.json").is_file()
 
@@ -214,7 +195,7 @@ def _bad_data(tmp_path: Path, kind: str) -> Path:
 @pytest.mark.parametrize("kind", ["missing", "empty", "blank", "binary", "latin1", "tiny"])
 def test_train_bad_data(tmp_path, kind):
     data, out = _bad_data(tmp_path, kind), tmp_path / "new-run"
-    _assert_user_error(_run("train", "--data", data, "--out", out, *FAST),
+    assert_user_error(run_cli("train", "--data", data, "--out", out, *FAST),
                        *(["training split"] if kind == "tiny" else [data]))
     assert not out.exists(), "a failed start must not leave a half-made run directory"
 
@@ -223,7 +204,7 @@ def test_train_bad_data(tmp_path, kind):
 def test_eval_bad_data(run_copy, tmp_path, kind):
     before = _snapshot(run_copy)
     data = _bad_data(tmp_path, kind)
-    _assert_user_error(_run("eval", run_copy, "--data", data), data)
+    assert_user_error(run_cli("eval", run_copy, "--data", data), data)
     assert _snapshot(run_copy) == before
 
 
@@ -234,7 +215,7 @@ def test_bad_data_behind_a_resume_changes_nothing(run_copy, trained, tmp_path):
     cfg.write_text(cfg.read_text().replace(str(trained[1]), str(moved)))
     moved.write_bytes(b"\xff\xfe\x00\x00binary")
     before = _snapshot(run_copy)
-    _assert_user_error(_run("train", "--resume", "--out", run_copy, "--max-steps", "4", "--quiet"), moved)
+    assert_user_error(run_cli("train", "--resume", "--out", run_copy, "--max-steps", "4", "--quiet"), moved)
     assert _snapshot(run_copy) == before
 
 
@@ -244,22 +225,22 @@ def test_bad_data_behind_a_resume_changes_nothing(run_copy, trained, tmp_path):
 def test_invalid_yaml_config(tmp_path, corpus):
     bad = tmp_path / "bad.yaml"
     bad.write_text("model:\n  n_layers: [1, 2\n  d_model: 64\n")
-    _assert_user_error(_run("train", "--config", bad, "--data", corpus, "--out", tmp_path / "r"), bad)
-    _assert_user_error(_run("params", bad), bad)
+    assert_user_error(run_cli("train", "--config", bad, "--data", corpus, "--out", tmp_path / "r"), bad)
+    assert_user_error(run_cli("params", bad), bad)
     assert not (tmp_path / "r").exists()
 
 
 def test_unknown_key_override(tmp_path, corpus):
-    _assert_user_error(_run("train", "--data", corpus, "--out", tmp_path / "r", *FAST, "model.moe.num_expert=4"),
+    assert_user_error(run_cli("train", "--data", corpus, "--out", tmp_path / "r", *FAST, "model.moe.num_expert=4"),
                        "model.moe.num_expert")
-    _assert_user_error(_run("params", "tiny", "trian.max_steps=3"), "trian")
+    assert_user_error(run_cli("params", "tiny", "trian.max_steps=3"), "trian")
     assert not (tmp_path / "r").exists()
 
 
 def test_unknown_key_in_yaml_file(tmp_path, corpus):
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("model:\n  n_layers: 2\n  moe:\n    pool:\n      sise: 4\n")
-    _assert_user_error(_run("train", "--config", cfg, "--data", corpus, "--out", tmp_path / "r"),
+    assert_user_error(run_cli("train", "--config", cfg, "--data", corpus, "--out", tmp_path / "r"),
                        "model.moe.pool.sise")
     assert not (tmp_path / "r").exists()
 
@@ -272,12 +253,12 @@ def test_unknown_key_in_yaml_file(tmp_path, corpus):
     ("model.n_layers=", "model.n_layers"),
 ])
 def test_wrong_value_type(tmp_path, corpus, override, key):
-    _assert_user_error(_run("train", "--data", corpus, "--out", tmp_path / "r", *FAST, override), key)
+    assert_user_error(run_cli("train", "--data", corpus, "--out", tmp_path / "r", *FAST, override), key)
     assert not (tmp_path / "r").exists()
 
 
 def test_unknown_preset(tmp_path):
-    _assert_user_error(_run("train", "--preset", "tinyy", "--out", tmp_path / "r"), "tinyy")
+    assert_user_error(run_cli("train", "--preset", "tinyy", "--out", tmp_path / "r"), "tinyy")
 
 
 # ------------------------------------------------------------- damaged checkpoints: exit 2, untouched
@@ -313,10 +294,10 @@ def test_damaged_checkpoint(run_copy, verb, damage):
     spoil(run_copy / STEP_DIR / name)
     before = _snapshot(run_copy)
     if verb == "eval":
-        result = _run("eval", run_copy, "--json")
+        result = run_cli("eval", run_copy, "--json")
     else:
-        result = _run("train", "--resume", "--out", run_copy, "--max-steps", "5", "--quiet")
-    _assert_user_error(result, run_copy / STEP_DIR / name)
+        result = run_cli("train", "--resume", "--out", run_copy, "--max-steps", "5", "--quiet")
+    assert_user_error(result, run_copy / STEP_DIR / name)
     assert _snapshot(run_copy) == before
 
 
@@ -326,41 +307,42 @@ def test_run_directory_without_checkpoint(run_copy, verb):
     before = _snapshot(run_copy)
     argv = {"eval": ["eval", run_copy], "generate": ["generate", run_copy, "--prompt", "x"],
             "resume": ["train", "--resume", "--out", run_copy, "--quiet"]}[verb]
-    _assert_user_error(_run(*argv), run_copy, "checkpoint")
+    assert_user_error(run_cli(*argv), run_copy, "checkpoint")
     assert _snapshot(run_copy) == before
 
 
 def test_latest_names_a_missing_checkpoint(run_copy):
     (run_copy / "checkpoints" / "latest").write_text("step-000999\n")
     before = _snapshot(run_copy)
-    _assert_user_error(_run("eval", run_copy), "step-000999")
-    _assert_user_error(_run("train", "--resume", "--out", run_copy, "--quiet"), "step-000999")
+    assert_user_error(run_cli("eval", run_copy), "step-000999")
+    assert_user_error(run_cli("train", "--resume", "--out", run_copy, "--quiet"), "step-000999")
     assert _snapshot(run_copy) == before
 
 
 def test_not_a_run_directory(tmp_path):
     empty = tmp_path / "empty-dir"
     empty.mkdir()
-    _assert_user_error(_run("eval", empty), empty)
-    _assert_user_error(_run("train", "--resume", "--out", tmp_path / "nowhere", "--quiet"), "nowhere")
+    assert_user_error(run_cli("eval", empty), empty)
+    assert_user_error(run_cli("train", "--resume", "--out", tmp_path / "nowhere", "--quiet"), "nowhere")
     assert not (tmp_path / "nowhere").exists()
 
 
 def test_new_run_in_a_directory_holding_another_run(run_copy, corpus):
     before = _snapshot(run_copy)
-    _assert_user_error(_run("train", "--data", corpus, "--out", run_copy, *FAST, "model.n_layers=1"), run_copy)
+    assert_user_error(run_cli("train", "--data", corpus, "--out", run_copy, *FAST, "model.n_layers=1"), run_copy)
     assert _snapshot(run_copy) == before
 
 
 def test_resume_refuses_to_change_the_config(run_copy):
     before = _snapshot(run_copy)
-    _assert_user_error(_run("train", "--resume", "--out", run_copy, "--quiet", "model.n_layers=1"), "model.n_layers")
+    assert_user_error(run_cli("train", "--resume", "--out", run_copy, "--quiet", "model.n_layers=1"), "model.n_layers")
     assert _snapshot(run_copy) == before
 
 
 # ------------------------------------------------------------------------------ the real console script
 
 
+@pytest.mark.slow
 def test_console_script_exit_status(tmp_path):
     script = Path(sys.executable).with_name("samoe")
     assert script.exists(), "the README's install command puts the samoe script beside python"

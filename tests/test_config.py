@@ -5,8 +5,21 @@ import dataclasses
 
 import pytest
 
-from samoe.config import (Config, ModelConfig, MoEConfig, experts_per_layer, field_paths, from_dict, load_config,
-                          moe_layer_ids, preset_names, router_top_k, save_config, to_dict, validate)
+from samoe.config import (
+    Config,
+    ModelConfig,
+    MoEConfig,
+    experts_per_layer,
+    field_paths,
+    from_dict,
+    load_config,
+    moe_layer_ids,
+    preset_names,
+    router_top_k,
+    save_config,
+    to_dict,
+    validate,
+)
 from samoe.errors import ConfigError, UserError
 
 

@@ -6,10 +6,17 @@ import pytest
 import torch
 
 from samoe.config import CORPORA, load_config
-from samoe.data.corpus import (BUILTIN_CORPORA, load_corpus, read_documents, split_documents, split_text,
-                               stdlib_documents, stdlib_sources)
-from samoe.data.sources import read_source
+from samoe.data.corpus import (
+    BUILTIN_CORPORA,
+    load_corpus,
+    read_documents,
+    split_documents,
+    split_text,
+    stdlib_documents,
+    stdlib_sources,
+)
 from samoe.data.dataset import TokenStream, bits_per_byte, encode_documents, unigram_perplexity
+from samoe.data.sources import read_source
 from samoe.data.tokenizer import BPETokenizer, ByteTokenizer, build_tokenizer, load_tokenizer
 from samoe.errors import ConfigError, DataError
 

@@ -23,6 +23,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from helpers import read_metrics, write_corpus
 from samoe.config import load_config
 from samoe.data.dataset import TokenStream
 from samoe.eval.perplexity import evaluate
@@ -31,7 +32,7 @@ from samoe.moe.expert_parallel import take_shard
 from samoe.train import distributed
 from samoe.train.optim import build_optimizer
 
-from test_train import read_metrics, write_corpus
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 SKEW = "all tokens to expert 0"
 LAYER_CASES = [  # (router, dropless, sharing, extra overrides)

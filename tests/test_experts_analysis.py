@@ -1,8 +1,6 @@
 """`samoe analyze experts RUN_DIR`: load histogram, similarity of effective experts, SaMoE
 coefficients; and the errors for a directory that is not a finished run."""
 
-import contextlib
-import io
 import json
 import random
 import shutil
@@ -11,17 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import assert_user_error, run_cli
 from samoe.analysis.experts import cosine_matrix
-from samoe.cli import main
+
+pytestmark = pytest.mark.slow  # the module trains two runs
 
 WORDS = "the expert router sends each token to one layer of a pool shared across depth while gradients flow".split()
-
-
-def _run(*argv):
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +27,9 @@ def runs(tmp_path_factory):
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("SAMOE_CACHE", str(root / "cache"))
-        for name, extra in (("pool", ["model.moe.pool.granularity=expert"]), ("private", ["model.moe.sharing=private"])):
-            code, _, err = _run("train", "--preset", "tiny", "--data", corpus, "--out", root / name, "--quiet",
+        for name, extra in (("pool", ["model.moe.pool.granularity=expert"]),
+                            ("private", ["model.moe.sharing=private"])):
+            code, _, err = run_cli("train", "--preset", "tiny", "--data", corpus, "--out", root / name, "--quiet",
                                 "train.max_steps=2", "train.batch_size=2", "train.eval_tokens=128",
                                 "data.tokenizer=byte", *extra)
             assert code == 0, err
@@ -46,7 +40,7 @@ def runs(tmp_path_factory):
 @pytest.mark.parametrize("kind", ["pool", "private"])
 def test_experts_report_and_plots(runs, kind, tmp_path):
     out = tmp_path / "analysis"
-    code, stdout, err = _run("analyze", "experts", runs[kind], "--out", out, "--max-tokens", 256, "--device", "cpu")
+    code, stdout, err = run_cli("analyze", "experts", runs[kind], "--out", out, "--max-tokens", 256, "--device", "cpu")
     assert code == 0, err
     report = json.loads((out / "experts.json").read_text())
     assert report["sharing"] == kind and len(report["layers"]) == 2  # tiny: every block MoE
@@ -77,22 +71,14 @@ def test_cosine_matrix_of_the_effective_experts():
     assert np.allclose(sim, [[1, 0, 1], [0, 1, 0], [1, 0, 1]], atol=1e-6)
 
 
-def _assert_one_line_error(result, *names):
-    code, out, err = result
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("samoe: error:"), (code, err)
-    for n in names:
-        assert n in lines[0]
-
-
 def test_run_directory_without_checkpoints(runs, tmp_path):
     broken = tmp_path / "no-ckpt"
     shutil.copytree(runs["private"], broken)
     shutil.rmtree(broken / "checkpoints")
-    _assert_one_line_error(_run("analyze", "experts", broken), "no checkpoint", str(broken))
+    assert_user_error(run_cli("analyze", "experts", broken), "no checkpoint", str(broken))
     assert not (broken / "analysis").exists()
 
 
 def test_not_a_run_directory(tmp_path):
-    _assert_one_line_error(_run("analyze", "experts", tmp_path), "not a samoe run directory")
-    _assert_one_line_error(_run("analyze", "experts", tmp_path / "missing"), "does not exist")
+    assert_user_error(run_cli("analyze", "experts", tmp_path), "not a samoe run directory")
+    assert_user_error(run_cli("analyze", "experts", tmp_path / "missing"), "does not exist")

@@ -7,8 +7,6 @@ GPT.generate(temperature=0), materialised = pooled, stock formats without remote
 the user-error contract (one line, exit 2, nothing written).
 """
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -16,12 +14,10 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from samoe.cli import main
-from samoe.config import load_config, save_config
+from helpers import assert_user_error, make_run, run_cli
 from samoe.data.tokenizer import BPETokenizer, ByteTokenizer
 from samoe.hf.export import REMOTE_CODE
 from samoe.model.gpt import GPT
-from samoe.train.checkpoint import save_checkpoint
 
 transformers = pytest.importorskip("transformers")
 
@@ -49,33 +45,6 @@ STOCK = {
 }
 
 
-def _run(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def make_run(root: Path, overrides: list[str], seed: int = 0, tokenizer=None) -> tuple[Path, GPT]:
-    """A run directory holding a tiny model with random (not trained) weights, as training writes it."""
-    tokenizer = tokenizer or ByteTokenizer()
-    cfg = load_config(preset="tiny", overrides=[f"model.vocab_size={tokenizer.vocab_size}", "data.tokenizer=byte",
-                                                *overrides])
-    torch.manual_seed(seed)
-    model = GPT(cfg.model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(torch.randn_like(p) * (0.15 if p.dim() > 1 else 0.1))
-    root.mkdir(parents=True)
-    save_config(cfg, root / "config.yaml")
-    tokenizer.save(root / "tokenizer.json")
-    save_checkpoint(root, 1, model, {})
-    return root, model.eval()
-
-
 def _load(out: Path, remote: bool = True):
     return transformers.AutoModelForCausalLM.from_pretrained(str(out), trust_remote_code=remote).eval()
 
@@ -99,7 +68,7 @@ def _assert_same_model(model: GPT, hf, eot: int = 256) -> None:
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_samoe_hf_export_is_the_same_model(tmp_path, kind):
     run, model = make_run(tmp_path / "run", KINDS[kind])
-    code, out, err = _run("export", run, "--out", tmp_path / "hf")
+    code, out, err = run_cli("export", run, "--out", tmp_path / "hf")
     assert code == 0, err
     files = {p.name for p in (tmp_path / "hf").iterdir()}
     assert {"config.json", "configuration_samoe.py", "modeling_samoe.py", "model.safetensors", "tokenizer.json",
@@ -124,24 +93,26 @@ def test_remote_code_is_self_contained():
 @pytest.mark.parametrize("kind", ["pool-switch", "shared-topk3", "pyramid-expert-rotary"])
 def test_materialized_equals_pooled(tmp_path, kind):
     run, model = make_run(tmp_path / "run", KINDS[kind])
-    assert _run("export", run, "--out", tmp_path / "pooled")[0] == 0
-    assert _run("export", run, "--out", tmp_path / "flat", "--materialize")[0] == 0
+    assert run_cli("export", run, "--out", tmp_path / "pooled")[0] == 0
+    assert run_cli("export", run, "--out", tmp_path / "flat", "--materialize")[0] == 0
     with safe_open(str(tmp_path / "flat" / "model.safetensors"), "pt") as f:
         names = set(f.keys())
     assert not any(n.startswith(("model.expert_pool.", "model.expert_bank.")) or "coef_logits" in n for n in names)
     assert "model.blocks.0.ffn.experts.w1" in names
     with torch.no_grad():
-        pooled, flat = _load(tmp_path / "pooled")(input_ids=BATCH).logits, _load(tmp_path / "flat")(input_ids=BATCH).logits
+        pooled = _load(tmp_path / "pooled")(input_ids=BATCH).logits
+        flat = _load(tmp_path / "flat")(input_ids=BATCH).logits
     assert (pooled - flat).abs().max().item() < 1e-5
     if kind == "pool-switch":  # SaMoE's saving holds on disk: K = 2 expert layers stored, not L_moe = 2 x ...
-        assert (tmp_path / "pooled" / "model.safetensors").stat().st_size <= (tmp_path / "flat" / "model.safetensors").stat().st_size
+        size = {name: (tmp_path / name / "model.safetensors").stat().st_size for name in ("pooled", "flat")}
+        assert size["pooled"] <= size["flat"]
 
 
 @pytest.mark.parametrize("fmt", list(STOCK))
 def test_stock_formats_load_without_remote_code(tmp_path, fmt):
     run, model = make_run(tmp_path / "run", STOCK[fmt])
     name = fmt.split("-")[0]
-    code, _, err = _run("export", run, "--out", tmp_path / "hf", "--format", name)
+    code, _, err = run_cli("export", run, "--out", tmp_path / "hf", "--format", name)
     assert code == 0, err
     assert not list((tmp_path / "hf").glob("*.py"))
     hf = _load(tmp_path / "hf", remote=False)
@@ -151,7 +122,7 @@ def test_stock_formats_load_without_remote_code(tmp_path, fmt):
 
 def test_bfloat16_export(tmp_path):
     run, _ = make_run(tmp_path / "run", [])
-    assert _run("export", run, "--out", tmp_path / "hf", "--dtype", "bfloat16")[0] == 0
+    assert run_cli("export", run, "--out", tmp_path / "hf", "--dtype", "bfloat16")[0] == 0
     with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
         assert f.get_tensor("model.wte.weight").dtype == torch.bfloat16
     assert _load(tmp_path / "hf")(input_ids=BATCH).logits.shape == (2, 24, 257)
@@ -162,24 +133,16 @@ def test_auto_tokenizer_gives_samoe_ids(tmp_path, kind):
     text = "def pool(x):\n    return x  # héllo wörld"
     tok = ByteTokenizer() if kind == "byte" else BPETokenizer.train([text * 3, "the pool of experts"] * 20, 300)
     run, _ = make_run(tmp_path / "run", [], tokenizer=tok)
-    assert _run("export", run, "--out", tmp_path / "hf")[0] == 0
+    assert run_cli("export", run, "--out", tmp_path / "hf")[0] == 0
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"), trust_remote_code=True)
     assert hf_tok(text)["input_ids"] == tok.encode(text)
     assert hf_tok.eos_token_id == tok.eot_id
     assert hf_tok.decode(tok.encode(text)) == text
 
 
-def _assert_user_error(result, *names) -> None:
-    code, out, err = result
-    lines = err.splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("samoe: error:"), err
-    for name in names:
-        assert name in lines[0], lines[0]
-
-
 def test_export_of_a_directory_that_is_not_a_run(tmp_path):
     (tmp_path / "notarun").mkdir()
-    _assert_user_error(_run("export", tmp_path / "notarun", "--out", tmp_path / "hf"), "notarun", "config.yaml")
+    assert_user_error(run_cli("export", tmp_path / "notarun", "--out", tmp_path / "hf"), "notarun", "config.yaml")
     assert not (tmp_path / "hf").exists() and list(tmp_path.iterdir()) == [tmp_path / "notarun"]
 
 
@@ -195,7 +158,7 @@ def test_export_of_a_directory_that_is_not_a_run(tmp_path):
 ])
 def test_stock_format_the_config_does_not_fit(tmp_path, fmt, overrides, field):
     run, _ = make_run(tmp_path / "run", overrides)
-    _assert_user_error(_run("export", run, "--out", tmp_path / "hf", "--format", fmt), field, fmt)
+    assert_user_error(run_cli("export", run, "--out", tmp_path / "hf", "--format", fmt), field, fmt)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
@@ -203,5 +166,5 @@ def test_export_refuses_a_non_empty_out(tmp_path):
     run, _ = make_run(tmp_path / "run", [])
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "keep.txt").write_text("mine")
-    _assert_user_error(_run("export", run, "--out", tmp_path / "hf"), "hf")
+    assert_user_error(run_cli("export", run, "--out", tmp_path / "hf"), "hf")
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep.txt"]

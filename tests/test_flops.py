@@ -90,7 +90,8 @@ def test_a2a_bytes_350m_moe128():
     r = flops_report(load_config(preset="350m-moe128"))
     assert r["a2a_bytes_per_token_per_layer_by_dtype"] == {"float32": 2 * 1 * 1024 * 4, "bfloat16": 2 * 1 * 1024 * 2}
     assert r["moe_layers"] == 12
-    top2 = flops_report(load_config(preset="350m-moe128", overrides=["model.moe.router=gshard", "train.dtype=bfloat16"]))
+    top2 = flops_report(load_config(preset="350m-moe128",
+                                    overrides=["model.moe.router=gshard", "train.dtype=bfloat16"]))
     assert top2["a2a_bytes_per_token_per_layer"] == 2 * 2 * 1024 * 2
 
 

@@ -2,8 +2,6 @@
 consistent with the stored parameters' gradients), a tiny resumable grid with its JSON and PNGs,
 and the bad-input errors."""
 
-import contextlib
-import io
 import json
 import math
 import random
@@ -13,29 +11,13 @@ import torch
 
 import samoe.analysis.gradflow as gf
 import samoe.moe.layer as layer_mod
-from samoe.cli import main
+from helpers import assert_user_error, run_cli
 from samoe.config import load_config
 from samoe.model.gpt import GPT
 
 WORDS = "the expert router sends each token to one layer of a pool shared across depth while gradients flow".split()
 GRID_OVERRIDES = ["model.block_size=16", "train.batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=1",
                   "train.eval_tokens=64", "data.tokenizer=byte"]
-
-
-def _run(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
-
-
-def _assert_one_line_error(result, *names):
-    code, out, err = result
-    lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("samoe: error:"), (code, err)
-    assert "Traceback" not in err
-    for n in names:
-        assert n in lines[0]
 
 
 @pytest.fixture
@@ -110,11 +92,12 @@ def test_effective_expert_gradients_add_up_to_the_pool_gradient(granularity):
         torch.testing.assert_close(total, g_pool, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_tiny_grid_writes_json_and_plots_and_resumes(tmp_path, corpus, monkeypatch):
     out = tmp_path / "grid"
     args = ["analyze", "gradflow", "--preset", "tiny", "--data", corpus, "--routers", "switch,hash", "--experts", "2,4",
             "--sharing", "private,pool", "--steps", "2", "--measure", "1", "--out", out, "--quiet", *GRID_OVERRIDES]
-    code, stdout, err = _run(*args)
+    code, stdout, err = run_cli(*args)
     assert code == 0, err
     grid = json.loads((out / "gradflow.json").read_text())
     assert len(grid["cells"]) == 8 and len(list((out / "cells").glob("*.json"))) == 8
@@ -135,10 +118,10 @@ def test_tiny_grid_writes_json_and_plots_and_resumes(tmp_path, corpus, monkeypat
         raise AssertionError("a finished cell was run again")
 
     monkeypatch.setattr(gf, "run_cell", no_training)  # a rerun only reads the cells and redraws
-    code, _, err = _run(*args)
+    code, _, err = run_cli(*args)
     assert code == 0, err
     # other settings in the same directory: refused, not mixed
-    _assert_one_line_error(_run(*[a if a != "2" else "3" for a in args]), str(out))
+    assert_user_error(run_cli(*[a if a != "2" else "3" for a in args]), str(out))
 
 
 @pytest.mark.parametrize("flag, value, names", [
@@ -150,18 +133,19 @@ def test_tiny_grid_writes_json_and_plots_and_resumes(tmp_path, corpus, monkeypat
     ("--experts", "0", ["0", "--experts"]),
 ])
 def test_bad_grid_is_one_line_and_exit_2(tmp_path, flag, value, names):
-    _assert_one_line_error(_run("analyze", "gradflow", flag, value, "--out", tmp_path / "g", "--quiet"), *names)
+    assert_user_error(run_cli("analyze", "gradflow", flag, value, "--out", tmp_path / "g", "--quiet"), *names)
     assert not (tmp_path / "g").exists()
 
 
 def test_a_cell_with_an_invalid_config_fails_before_training(tmp_path):
     # gshard needs two experts: the grid is checked whole before any cell runs
-    result = _run("analyze", "gradflow", "--routers", "gshard", "--experts", "1", "--out", tmp_path / "g", "--quiet")
-    _assert_one_line_error(result, "gshard-E1-")
+    result = run_cli("analyze", "gradflow", "--routers", "gshard", "--experts", "1", "--out", tmp_path / "g", "--quiet")
+    assert_user_error(result, "gshard-E1-")
     assert not (tmp_path / "g").exists()
 
 
 def test_one_micro_batch_per_step_is_refused(tmp_path):
-    result = _run("analyze", "gradflow", "--preset", "tiny", "--out", tmp_path / "g", "--quiet")  # tiny: 1 micro-batch
-    _assert_one_line_error(result, "train.micro_batch_size")
+    # the tiny preset has one micro-batch per step
+    result = run_cli("analyze", "gradflow", "--preset", "tiny", "--out", tmp_path / "g", "--quiet")
+    assert_user_error(result, "train.micro_batch_size")
     assert not (tmp_path / "g").exists()

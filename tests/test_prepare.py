@@ -122,7 +122,8 @@ def test_load_splits_memmaps_a_prepared_directory(tmp_path):
     splits = load_splits(DataConfig(path=str(tmp_path / "out"), val_fraction=0.5), 4096)
     assert isinstance(splits.tokenizer, ByteTokenizer)  # the prepared tokenizer, not a new 4096 one
     assert isinstance(splits.train.tokens, np.memmap) and isinstance(splits.val.tokens, np.memmap)
-    assert sorted(_decoded(splits.train, splits.tokenizer) + _decoded(splits.val, splits.tokenizer)) == sorted(originals)
+    decoded = _decoded(splits.train, splits.tokenizer) + _decoded(splits.val, splits.tokenizer)
+    assert sorted(decoded) == sorted(originals)
     x, y = splits.train.sample_batch(4, 16, torch.Generator().manual_seed(0))
     assert x.shape == (4, 16) and (x[:, 1:] == y[:, :-1]).all()
 

@@ -1,6 +1,6 @@
 """Routers and the MoE layer, specified by naive per-token reference loops.
 
-Each reference below is written from DESIGN.md and the routers.py docstring with plain Python
+Each reference below is written from docs/design.md and the routers.py docstring with plain Python
 loops over tokens and experts (no sorting tricks, no batched scatter), computed in float64 from
 the same fp32 weights and inputs as the fast path, and compared to 1e-5:
 
@@ -21,8 +21,7 @@ import torch.nn.functional as F
 from samoe.config import MoEConfig
 from samoe.moe.experts import ExpertWeights
 from samoe.moe.layer import MoEFeedForward, dispatch
-from samoe.moe.routers import (BaseRouter, ExpertChoiceRouter, HashRouter, TopKRouter, balanced_assignment,
-                               build_router)
+from samoe.moe.routers import BaseRouter, ExpertChoiceRouter, HashRouter, TopKRouter, balanced_assignment, build_router
 
 D = 12
 VOCAB = 50
@@ -73,7 +72,8 @@ def claim_capacity(expert, keep, E, C):
 
 def ref_token_choice(x, W, k, cfg, training, bias=None, second_kept=None):
     """switch / gshard / topk: top-k of softmax (selection by probs + bias), gates renormalised
-    over the k chosen when k > 1, capacity unless dropless (or evaluating with eval_dropless). second_kept: gshard's random routing."""
+    over the k chosen when k > 1, capacity unless dropless (or evaluating with eval_dropless).
+    second_kept: gshard's random routing."""
     logits = ref_logits(x, W)
     T, E = len(logits), len(logits[0])
     probs = [softmax(row) for row in logits]

@@ -1,4 +1,4 @@
-"""SaMoE: every MoE layer's experts are a soft combination of one global pool (DESIGN.md).
+"""SaMoE: every MoE layer's experts are a soft combination of one global pool (docs/design.md).
 
     c_l = softmax(a_l / τ) over K,   W_l[e] = Σ_k c_l[e, k] · P[k, e]
 
@@ -119,7 +119,8 @@ def test_frozen_one_hot_with_fewer_pool_entries_is_hard_layer_sharing(init, laye
     torch.testing.assert_close(out_s.logits, out_p.logits, atol=1e-6, rtol=0)
     for w in WEIGHTS:
         for k in range(2):
-            total = sum(grads_p[f"blocks.{b}.ffn.experts.{w}"] for pos, b in enumerate(moe_layer_ids(cfg)) if ks[pos] == k)
+            total = sum(grads_p[f"blocks.{b}.ffn.experts.{w}"] for pos, b in enumerate(moe_layer_ids(cfg))
+                        if ks[pos] == k)
             torch.testing.assert_close(grads_s[f"expert_pool.{w}"][k], total, atol=1e-6, rtol=1e-5)
 
 

@@ -151,3 +151,14 @@ def test_quick_study_fits_in_ten_minutes(tmp_path):
     assert {c.preset for c in cells} == {"tiny"}
     estimate = grid.estimate_seconds(cells, threads=1)
     assert sum(estimate.values()) / 2 < 8 * 60  # two at a time; the rest of 10 minutes for data and evaluation
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_moved_aside_and_started_again(tmp_path):
+    cell = grid.load_study(_study(tmp_path), tmp_path / "out")[0]
+    cell.run_dir.mkdir(parents=True)
+    (cell.run_dir / "config.yaml").write_text("model: {}\n")  # what a run writes before its first step
+    assert cell.state() == "new"
+    command = grid.train_command(cell)
+    assert "--resume" not in command and "--preset" in command
+    assert not cell.run_dir.exists()
+    assert (cell.run_dir.parent / "seed1.incomplete-1" / "config.yaml").is_file()

@@ -1,56 +1,47 @@
 """The training loop: exact resume after SIGKILL, checkpoints that survive a kill mid-write,
 the learning-rate schedule, weight-decay groups and the golden loss curve."""
 
+import errno
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
+from helpers import assert_user_error, read_metrics, run_cli, tiny_args
 from samoe.cli import main
 from samoe.config import load_config
 from samoe.errors import CheckpointError
 from samoe.model.gpt import GPT
+from samoe.train import checkpoint
 from samoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from samoe.train.optim import build_optimizer, decays, lr_at
 
-WORDS = ("the expert router sends each token to one layer of a pool shared across depth while "
-         "gradients flow back through gates and weights so that training may learn which "
-         "combination of experts serves a sentence best given enough data and time").split()
-TIMING_KEYS = {"tokens_per_s"}
 GOLDEN = Path(__file__).parent / "golden" / "tiny_losses.json"
+KILL_AT = 25  # steps done when the child stops: after checkpoint 20, before the next one and the end
+
+# The child trains as `samoe train` does, but when step KILL_AT + 1 begins it says so on stdout and
+# waits: the parent kills it there, mid-run, whatever the machine's speed.
+STOP_AT_STEP = f"""
+import sys, time
+from samoe.cli import main
+from samoe.train import loop
+real_lr_at = loop.lr_at
+def lr_at(step, t):
+    if step == {KILL_AT}:
+        print("stopped", flush=True)
+        time.sleep(600)
+    return real_lr_at(step, t)
+loop.lr_at = lr_at
+sys.exit(main(sys.argv[1:]))
+"""
 
 
-def write_corpus(path: Path, n_docs: int = 60, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 120))) + "." for _ in range(n_docs)]
-    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
-    return path
-
-
-def tiny_args(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
-    return ["train", "--preset", "tiny", "--data", str(data), "--out", str(out), "--quiet",
-            f"train.max_steps={steps}", "train.log_every=1", "train.eval_every=10", "train.ckpt_every=10",
-            "train.eval_tokens=512", "train.batch_size=4", "data.tokenizer=byte", *extra]
-
-
-def read_metrics(run: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("SAMOE_CACHE", str(tmp_path / "cache"))
-    return write_corpus(tmp_path / "corpus.txt")
-
-
+@pytest.mark.slow
 def test_sigkill_then_resume_logs_the_same_metrics_as_an_uninterrupted_run(tmp_path, corpus):
     steps = 60
     full, killed = tmp_path / "full", tmp_path / "killed"
@@ -58,15 +49,18 @@ def test_sigkill_then_resume_logs_the_same_metrics_as_an_uninterrupted_run(tmp_p
     extra = ("model.moe.router=gshard", "model.moe.random_routing=true", "model.moe.jitter=0.01")
     assert main(tiny_args(corpus, full, steps, *extra)) == 0
 
-    proc = subprocess.Popen([sys.executable, "-m", "samoe.cli", *tiny_args(corpus, killed, steps, *extra)],
+    proc = subprocess.Popen([sys.executable, "-c", STOP_AT_STEP, *tiny_args(corpus, killed, steps, *extra)],
                             env={**os.environ, "SAMOE_CACHE": str(tmp_path / "cache")},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pointer = killed / "checkpoints" / "latest"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (pointer.exists() and pointer.read_text().strip() >= "step-000020"):
-        time.sleep(0.01)
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    for line in proc.stdout:  # the evaluation lines, then "stopped" when the child reaches step KILL_AT + 1
+        if line.strip() == "stopped":
+            break
+    else:
+        pytest.fail("the training process ended before step KILL_AT")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    proc.stdout.close()
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step-000020"
     logged = read_metrics(killed)
     assert logged and logged[-1]["step"] < steps, "the run must be killed mid-training"
 
@@ -113,6 +107,37 @@ def test_kill_during_a_checkpoint_write_leaves_the_previous_one_loadable(tmp_pat
     assert latest_checkpoint(tmp_path).name == "step-000030"
 
 
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_naming_the_path_and_the_checkpoint_kept(tmp_path, corpus, monkeypatch):
+    run = tmp_path / "run"
+    real_save_model, calls = checkpoint.save_model, []
+
+    def full_disk_on_the_second_checkpoint(model, filename, *a, **k):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        return real_save_model(model, filename, *a, **k)
+
+    monkeypatch.setattr(checkpoint, "save_model", full_disk_on_the_second_checkpoint)
+    monkeypatch.setattr(checkpoint, "save_file", full_disk_on_the_second_checkpoint)
+    code, out, err = run_cli(*tiny_args(corpus, run, 4, "train.ckpt_every=2"))
+    started, *error = err.splitlines(keepends=True)  # training had started: the run-directory line, then the error
+    assert started.startswith("run directory:")
+    kept = run / "checkpoints" / "step-000002"
+    assert_user_error((code, out, "".join(error)), run / "checkpoints" / "step-000004", "No space left on device",
+                      f"'{kept}' is kept")
+    assert latest_checkpoint(run) == kept and not list((run / "checkpoints").glob(".*tmp"))
+    state = load_checkpoint(kept, GPT(load_config(run / "config.yaml").model))
+    assert state["step"] == 2
+
+
+def test_an_out_directory_that_cannot_be_made_is_one_line(tmp_path, corpus):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory\n")
+    assert_user_error(run_cli(*tiny_args(corpus, blocker / "run", 2)), blocker / "run",
+                      "no checkpoint had been written yet")
+
+
 def test_checkpoint_loads_tensor_by_tensor_with_tied_weights_and_checks_shapes(tmp_path):
     cfg = load_config(preset="tiny")
     torch.manual_seed(0)
@@ -128,7 +153,8 @@ def test_checkpoint_loads_tensor_by_tensor_with_tied_weights_and_checks_shapes(t
     assert len(seen) == len(set(seen)) == len(model.state_dict()) - 1
     assert len({"wte.weight", "lm_head.weight"} & set(seen)) == 1
     other = GPT(load_config(preset="tiny", overrides=["model.moe.pool.size=3"]).model)
-    with pytest.raises(CheckpointError, match=r"does not match the model: blocks.0.ffn.experts.coef_logits has shape \[2\], the model \[3\]"):
+    message = r"does not match the model: blocks.0.ffn.experts.coef_logits has shape \[2\], the model \[3\]"
+    with pytest.raises(CheckpointError, match=message):
         load_checkpoint(ckpt, other)
 
 
@@ -157,6 +183,7 @@ def test_weight_decay_skips_norms_biases_embeddings_routers_and_coefficients():
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, corpus):
     one, acc = tmp_path / "one", tmp_path / "acc"
     dense = "model.moe.enabled=false"  # capacity depends on the micro-batch size; a dense model does not
@@ -167,6 +194,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, corpus):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_golden_curve_of_a_fixed_tiny_run(tmp_path, corpus):
     """The first losses of a fixed tiny SaMoE run. A change to the model or the loop that
     moves them is either a bug or deliberate: then regenerate with SAMOE_UPDATE_GOLDEN=1."""

@@ -3,31 +3,21 @@
 With no noise and gates that sum to 1 every MoE layer computes the dense FFN, so the upcycled
 model's first forward equals the dense model's."""
 
-import contextlib
-import io
 import random
 from pathlib import Path
 
 import pytest
 import torch
 
-from samoe.cli import main
+from helpers import assert_user_error, make_run, run_cli
 from samoe.config import load_config
 from samoe.data.tokenizer import load_tokenizer
 from samoe.model.gpt import GPT
 from samoe.train.checkpoint import latest_checkpoint, load_checkpoint
 from samoe.train.upcycle import load_dense_source, upcycle
-from test_export import make_run
 
 X = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(3))
 DENSE = ["model.moe.enabled=false"]
-
-
-def _run(*argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 def _target(overrides: list[str]) -> GPT:
@@ -53,7 +43,7 @@ def test_upcycled_first_forward_equals_the_dense_model(tmp_path, overrides):
 def test_llama_backbone_and_samoe_hf_source(tmp_path):
     llama = ["model.norm=rmsnorm", "model.bias=false", "model.activation=swiglu", "model.positions=rotary"]
     run, dense = make_run(tmp_path / "dense", DENSE + llama)
-    assert _run("export", run, "--out", tmp_path / "hf")[0] == 0
+    assert run_cli("export", run, "--out", tmp_path / "hf")[0] == 0
     model = _target(llama + ["model.moe.sharing=private", "model.moe.router=topk", "model.moe.top_k=2"])
     upcycle(model, load_dense_source(tmp_path / "hf"))  # from the export, not the run
     with torch.no_grad():
@@ -79,11 +69,12 @@ def _corpus(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_train_init_from_a_dense_run(tmp_path, monkeypatch):
     monkeypatch.setenv("SAMOE_CACHE", str(tmp_path / "cache"))
     run, dense = make_run(tmp_path / "dense", DENSE)
     data = _corpus(tmp_path / "corpus.txt")
-    code, out, err = _run("train", "--preset", "tiny", "--quiet", "--data", data, "--out", tmp_path / "moe",
+    code, out, err = run_cli("train", "--preset", "tiny", "--quiet", "--data", data, "--out", tmp_path / "moe",
                           "--init-from", run, "train.max_steps=1", "train.eval_every=1", "train.ckpt_every=1",
                           "train.eval_tokens=256", "train.batch_size=2", "model.moe.router=gshard")
     assert code == 0, err
@@ -97,14 +88,6 @@ def test_train_init_from_a_dense_run(tmp_path, monkeypatch):
     assert 0 < delta < 0.05
 
 
-def _assert_user_error(result, *names) -> None:
-    code, out, err = result
-    lines = err.splitlines()
-    assert code == 2 and len(lines) == 1 and lines[0].startswith("samoe: error:"), err
-    for name in names:
-        assert name in lines[0], lines[0]
-
-
 @pytest.mark.parametrize("source, overrides, named", [
     (DENSE, ["model.d_model=32"], "model.d_model"),
     (DENSE, ["model.moe.ffn_hidden=128"], "model.moe.ffn_hidden"),
@@ -114,14 +97,14 @@ def test_init_from_that_does_not_fit(tmp_path, monkeypatch, source, overrides, n
     monkeypatch.setenv("SAMOE_CACHE", str(tmp_path / "cache"))
     run, _ = make_run(tmp_path / "src", source)
     data = _corpus(tmp_path / "corpus.txt")
-    result = _run("train", "--preset", "tiny", "--quiet", "--data", data, "--out", tmp_path / "new",
+    result = run_cli("train", "--preset", "tiny", "--quiet", "--data", data, "--out", tmp_path / "new",
                   "--init-from", run, *overrides)
-    _assert_user_error(result, named, str(run))
+    assert_user_error(result, named, str(run))
     assert not (tmp_path / "new").exists()
 
 
 def test_init_from_a_directory_that_is_no_model(tmp_path):
     (tmp_path / "empty").mkdir()
-    _assert_user_error(_run("train", "--preset", "tiny", "--out", tmp_path / "new", "--init-from", tmp_path / "empty"),
-                       "empty")
+    result = run_cli("train", "--preset", "tiny", "--out", tmp_path / "new", "--init-from", tmp_path / "empty")
+    assert_user_error(result, "empty")
     assert not (tmp_path / "new").exists()

@@ -18,15 +18,15 @@ import pytest
 import torch
 import yaml
 
+from helpers import assert_user_error, run_cli
 from samoe.config import load_config, save_config
 from samoe.data.tokenizer import BPETokenizer, ByteTokenizer
 from samoe.eval import tasks
 from samoe.eval.tasks import Item, Task
 from samoe.eval.zeroshot import Scorer, evaluate_task, load_scorer, mean_stderr, task_metrics
 from samoe.model.gpt import GPT
+from samoe.runs import load_trained
 from samoe.train.checkpoint import save_checkpoint
-from samoe.train.loop import load_trained
-from test_cli import _assert_user_error, _run  # the CLI contract's helpers
 
 BLOCK = 16
 # A capacity small enough that tokens are dropped: batched scoring would differ without dropless routing.
@@ -213,7 +213,7 @@ def test_builtin_tasks_use_lm_eval_prompts(task_data):
 
 def test_export_round_trips_and_writes_lm_eval_yaml(task_data, tmp_path):
     out = tmp_path / "exported"
-    code, stdout, err = _run("eval", "--export-tasks", out, "--task", "piqa,winogrande,lambada")
+    code, stdout, err = run_cli("eval", "--export-tasks", out, "--task", "piqa,winogrande,lambada")
     assert code == 0, err
     for name in ("piqa", "winogrande", "lambada"):
         assert tasks.load_task(str(out / f"{name}.jsonl")).items == tasks.load_task(name).items
@@ -229,6 +229,7 @@ def test_every_builtin_task_ships_an_lm_eval_yaml_of_its_kind():
         assert cfg["include"] == f"_{spec.kind}_template_yaml" and (tasks.YAML_DIR / cfg["include"]).is_file()
 
 
+@pytest.mark.slow
 def test_lm_eval_through_the_adapter_agrees_with_samoe(task_data, run_dir, tmp_path, monkeypatch):
     """lm_eval.simple_evaluate on the exported tasks, offline, equals `samoe eval --task`."""
     import lm_eval
@@ -252,6 +253,7 @@ def test_lm_eval_through_the_adapter_agrees_with_samoe(task_data, run_dir, tmp_p
             assert theirs == pytest.approx(ours[metric], rel=1e-6), (name, metric)
 
 
+@pytest.mark.slow
 def test_lm_eval_command_line_knows_the_samoe_model(task_data, run_dir, tmp_path):
     """`python -m samoe.eval.harness ...` is lm-eval's own command line with "samoe" registered."""
     tasks.export_tasks(tmp_path / "exported", ["piqa"])
@@ -263,7 +265,8 @@ def test_lm_eval_command_line_knows_the_samoe_model(task_data, run_dir, tmp_path
     assert done.returncode == 0, done.stderr[-2000:]
     results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["samoe_piqa"]
     ours = evaluate_task(load_scorer(run_dir, "cpu"), tasks.load_task("piqa"))
-    assert results["acc,none"] == pytest.approx(ours["acc"]) and results["acc_norm,none"] == pytest.approx(ours["acc_norm"])
+    assert results["acc,none"] == pytest.approx(ours["acc"])
+    assert results["acc_norm,none"] == pytest.approx(ours["acc_norm"])
 
 
 def test_adapter_rolling_and_generation(run_dir):
@@ -299,21 +302,21 @@ def _jsonl(path: Path, rows) -> Path:
 def test_cli_scores_a_user_jsonl(run_dir, tmp_path):
     data = _jsonl(tmp_path / "mine.jsonl", [{"context": "1 + 1 =", "choices": ["2", "3"], "label": 0},
                                             {"context": "2 + 2 =", "choices": ["4", "5", "6"], "label": 0}])
-    code, out, err = _run("eval", run_dir, "--task", data, "--json", "--device", "cpu")
+    code, out, err = run_cli("eval", run_dir, "--task", data, "--json", "--device", "cpu")
     assert code == 0, err
     result = json.loads(out)[str(data)]
     assert result["n"] == 2 and set(result) >= {"acc", "acc_stderr", "acc_norm", "acc_norm_stderr", "chance"}
-    code, out, err = _run("eval", run_dir, "--task", data, "--limit", "1", "--quiet", "--device", "cpu")
+    code, out, err = run_cli("eval", run_dir, "--task", data, "--limit", "1", "--quiet", "--device", "cpu")
     assert code == 0 and out.splitlines()[0].split()[:3] == ["task", "n", "acc"] and " 1 " in out.splitlines()[1]
 
 
 def test_cli_unknown_task_lists_the_known_ones(run_dir):
-    _assert_user_error(_run("eval", run_dir, "--task", "piqa,pika"), "'pika'", *tasks.BUILTIN)
+    assert_user_error(run_cli("eval", run_dir, "--task", "piqa,pika"), "'pika'", *tasks.BUILTIN)
 
 
 def test_cli_missing_task_data_says_how_to_install(run_dir, tmp_path, monkeypatch):
     monkeypatch.setenv(tasks.DATA_ENV, str(tmp_path / "nothing"))
-    _assert_user_error(_run("eval", run_dir, "--task", "hellaswag"), "hellaswag", tasks.INSTALL)
+    assert_user_error(run_cli("eval", run_dir, "--task", "hellaswag"), "hellaswag", tasks.INSTALL)
 
 
 @pytest.mark.parametrize("rows,expected", [
@@ -322,18 +325,19 @@ def test_cli_missing_task_data_says_how_to_install(run_dir, tmp_path, monkeypatc
      "line 2: label 2 is out of range for 2 choices"),
     ([{"contexts": ["a", "b"], "continuation": "c", "label": -1}], "line 1: label -1 is out of range"),
     (["", {"context": "a", "choices": ["b"], "label": 0}], "line 2: 'context' must be a string and 'choices'"),
-    ([{"context": "a", "choices": ["b", "c"], "label": 0}, {"context": "a", "target": "b"}], "line 2: expected the fields"),
+    ([{"context": "a", "choices": ["b", "c"], "label": 0}, {"context": "a", "target": "b"}],
+     "line 2: expected the fields"),
     ([{"question": "a"}], "line 1: expected the fields"),
     ([], "holds no items"),
 ])
 def test_cli_malformed_jsonl_names_the_line(run_dir, tmp_path, rows, expected):
     data = _jsonl(tmp_path / "bad.jsonl", rows)
-    _assert_user_error(_run("eval", run_dir, "--task", data), str(data), expected)
+    assert_user_error(run_cli("eval", run_dir, "--task", data), str(data), expected)
 
 
 def test_cli_flag_mistakes(run_dir, tmp_path):
-    _assert_user_error(_run("eval", run_dir, "--task", tmp_path / "missing.jsonl"), "missing.jsonl", "does not exist")
-    _assert_user_error(_run("eval", run_dir, "--task", "piqa", "--limit", "0"), "--limit 0")
-    _assert_user_error(_run("eval", run_dir, "--task", "piqa", "--max-tokens", "5"), "--max-tokens")
-    _assert_user_error(_run("eval", "--task", "piqa"), "run directory")
-    _assert_user_error(_run("eval", run_dir, "--export-tasks", tmp_path / "x"), "takes no RUN_DIR")
+    assert_user_error(run_cli("eval", run_dir, "--task", tmp_path / "missing.jsonl"), "missing.jsonl", "does not exist")
+    assert_user_error(run_cli("eval", run_dir, "--task", "piqa", "--limit", "0"), "--limit 0")
+    assert_user_error(run_cli("eval", run_dir, "--task", "piqa", "--max-tokens", "5"), "--max-tokens")
+    assert_user_error(run_cli("eval", "--task", "piqa"), "run directory")
+    assert_user_error(run_cli("eval", run_dir, "--export-tasks", tmp_path / "x"), "takes no RUN_DIR")

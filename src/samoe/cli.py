@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from samoe.config import field_paths, load_config, preset_names
+from samoe.config import field_paths, load_config, micro_batch, preset_names
 from samoe.data.cli import add_data_parser
 from samoe.errors import UserError
 from samoe.eval.tasks import BUILTIN
@@ -44,7 +44,8 @@ def _cli_overrides(args) -> list[str]:
 
 
 def cmd_train(args) -> int:
-    from samoe.train.loop import load_run_config, train
+    from samoe.runs import load_run_config
+    from samoe.train.loop import train
 
     overrides = _cli_overrides(args)
     if args.resume:
@@ -123,11 +124,11 @@ def cmd_eval(args) -> int:
         raise UserError("samoe eval needs a run directory: samoe eval RUN_DIR [--task NAMES]")
     from samoe.data.prepare import load_eval_stream, load_splits
     from samoe.eval.perplexity import evaluate
-    from samoe.train.loop import autocast_for, load_trained
+    from samoe.runs import autocast_for, load_trained
 
     cfg, model, tok = load_trained(args.run_dir, args.device or "auto")
     stream = load_eval_stream(args.data, tok) if args.data else load_splits(cfg.data, cfg.model.vocab_size, tok).val
-    batch = cfg.train.micro_batch_size or cfg.train.batch_size
+    batch = micro_batch(cfg.train)
     device = next(model.parameters()).device
     max_tokens = cfg.train.eval_tokens if args.max_tokens is None else (args.max_tokens or None)
     if max_tokens is not None and max_tokens < 0:
@@ -146,7 +147,8 @@ def _zero_shot(args) -> int:
     from samoe.eval import tasks, zeroshot
 
     if args.data or args.max_tokens is not None:
-        raise UserError("--data and --max-tokens set up perplexity evaluation; they do not go with --task/--export-tasks")
+        raise UserError("--data and --max-tokens set up perplexity evaluation; "
+                        "they do not go with --task/--export-tasks")
     for flag in ("limit", "batch_size"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)} is invalid; expected an integer >= 1")
@@ -173,7 +175,7 @@ def _zero_shot(args) -> int:
 def cmd_generate(args) -> int:
     import torch
 
-    from samoe.train.loop import load_trained
+    from samoe.runs import load_trained
 
     cfg, model, tok = load_trained(args.run_dir, args.device or "auto")
     device = next(model.parameters()).device
@@ -188,7 +190,7 @@ def _load_target(target: str, overrides: list[str]):
     """A preset name, a config YAML file or a run directory (its config.yaml) -> Config."""
     path = Path(target)
     if path.is_dir():
-        from samoe.train.loop import load_run_config
+        from samoe.runs import load_run_config
 
         return load_run_config(path, overrides)
     if path.is_file() or target.endswith((".yaml", ".yml")):
@@ -262,7 +264,8 @@ def cmd_analyze_experts(args) -> int:
         print(f"MoE layer {layer['layer']}: tokens per expert {counts}, dropped {100 * layer['dropped_frac']:.1f}%, "
               f"mean off-diagonal cosine {layer['mean_offdiag_similarity'] or 0:.3f}"
               + (f", coefficients {[round(c, 3) for c in coef]}" if coef and not isinstance(coef[0], list) else ""))
-    cross = [v for i, row in enumerate(report["cross_layer_similarity"]) for j, v in enumerate(row) if i < j and v is not None]
+    cross = [v for i, row in enumerate(report["cross_layer_similarity"]) for j, v in enumerate(row)
+             if i < j and v is not None]
     if cross:
         print(f"same expert slot across layers: cosine {min(cross):.3f} to {max(cross):.3f}")
     if "pool_entry_similarity" in report:
@@ -289,7 +292,8 @@ def cmd_bench(args) -> int:
 
     if args.repeats < 1:
         raise UserError(f"--repeats {args.repeats} is invalid; expected an integer >= 1")
-    command = "samoe bench" + (" --quick" if args.quick else "") + (f" --repeats {args.repeats}" if args.repeats != 5 else "")
+    command = ("samoe bench" + (" --quick" if args.quick else "")
+               + (f" --repeats {args.repeats}" if args.repeats != 5 else ""))
     results = bench_main(args.quick, args.repeats, args.json, args.out, command)
     print(open(args.out).read())
     return 0 if results else 1
@@ -345,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 
-    p = sub.add_parser("train", help="train a model (default: small SaMoE on the stdlib docs corpus)",
+    p = sub.add_parser("train", help="train a model (default: small SaMoE on the built-in stdlib corpus)",
                        epilog=_overrides_help(), formatter_class=fmt)
     _config_args(p)
     p.add_argument("--data", help="a text file, a directory of text files, or JSONL with a 'text' field")
@@ -357,7 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--nproc", type=int, metavar="N",
                    help="run N processes on this machine (torchrun --standalone); train.batch_size stays global")
-    p.add_argument("--ep", type=int, metavar="P", help="expert-parallel size (train.ep): experts spread over P processes")
+    p.add_argument("--ep", type=int, metavar="P",
+                   help="expert-parallel size (train.ep): experts spread over P processes")
     p.add_argument("--init-from", metavar="RUN_DIR|HF_DIR", help="sparse upcycling: start from a dense run (or its "
                    "samoe-hf export); every expert starts as the dense FFN, routers fresh (docs/interop.md)")
     p.add_argument("--init-noise", type=float, default=0.0, metavar="SIGMA",
@@ -426,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "cells are kept in OUT/cells/ and skipped.",
                            epilog=_overrides_help(), formatter_class=fmt)
     _config_args(p)
-    p.add_argument("--data", help="training data (default: the built-in stdlib docs corpus)")
+    p.add_argument("--data", help="training data (default: the built-in corpus, data.corpus)")
     p.add_argument("--routers", default="switch,gshard,base,hash", help="comma-separated routers")
     p.add_argument("--experts", default="4,8,16,32,64", help="comma-separated expert counts E")
     p.add_argument("--sharing", default="private,pool", help="comma-separated sharing strategies")

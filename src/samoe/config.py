@@ -68,7 +68,8 @@ class MoEConfig:
     sharing: str = "pool"  # private | pool | shared
     shared_experts: int = 16  # M, size of the bank for sharing = "shared"
     residual: bool = False  # PR-MoE: mix a dense FFN branch with the MoE branch
-    residual_gate: str = "softmax"  # softmax: y = p0·moe + p1·ffn (PR-MoE); sigmoid: y = moe + σ(x·w)·ffn (Qwen2-MoE shared expert)
+    # softmax: y = p0·moe + p1·ffn (PR-MoE); sigmoid: y = moe + σ(x·w)·ffn (Qwen2-MoE shared expert)
+    residual_gate: str = "softmax"
     load_balance_weight: float = 0.01
     z_loss_weight: float = 0.001
     aux_free_bias: bool = False  # per-expert selection bias updated from load (no aux loss)
@@ -102,8 +103,9 @@ class ModelConfig:
 class TrainConfig:
     max_steps: int = 600
     batch_size: int = 16  # sequences per optimiser step (the global batch)
-    micro_batch_size: int | None = None  # sequences per forward (and per routing group); null: the whole per-process batch
-    ep: int = 1  # expert-parallel group size: each process holds E/ep experts of every layer (divides the process count)
+    # sequences per forward (and per routing group); null: the whole per-process batch
+    micro_batch_size: int | None = None
+    ep: int = 1  # expert-parallel group size: each process holds E/ep experts of every layer (divides process count)
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 50
@@ -144,6 +146,17 @@ def ffn_hidden(m: ModelConfig) -> int:
 
 def expert_hidden(m: ModelConfig) -> int:
     return m.moe.ffn_hidden or ffn_hidden(m)
+
+
+def fc1_width(activation: str, hidden: int) -> int:
+    """Output width of an FFN's first projection: swiglu's gate and value halves, else `hidden`."""
+    return 2 * hidden if activation == "swiglu" else hidden
+
+
+def micro_batch(t: TrainConfig, world: int = 1) -> int:
+    """Sequences per forward on one of `world` processes: train.micro_batch_size, else the whole
+    per-process batch."""
+    return t.micro_batch_size or t.batch_size // world
 
 
 def moe_layer_ids(m: ModelConfig) -> list[int]:
@@ -210,7 +223,8 @@ def validate(cfg: Config) -> Config:
     _check(moe.shared_experts >= 1, "model.moe.shared_experts", "an integer >= 1", moe.shared_experts)
     if moe.enabled:
         n_moe = len(moe_layer_ids(m))
-        _check(n_moe >= 1, "model.moe.every", f"at most model.n_layers = {m.n_layers} so that some block is MoE", moe.every)
+        _check(n_moe >= 1, "model.moe.every", f"at most model.n_layers = {m.n_layers} so that some block is MoE",
+               moe.every)
         if moe.experts_per_layer is not None:
             _check(moe.sharing != "shared", "model.moe.experts_per_layer",
                    "null when model.moe.sharing = 'shared' (the bank fixes E)", moe.experts_per_layer)
@@ -241,7 +255,8 @@ def validate(cfg: Config) -> Config:
     _check(t.ep >= 1, "train.ep", "an integer >= 1", t.ep)
     if moe.enabled and t.ep > 1:
         uneven = [e for e in experts_per_layer(m) if e % t.ep]
-        _check(not uneven, "train.ep", f"a divisor of every layer's expert count {sorted(set(experts_per_layer(m)))}", t.ep)
+        counts = sorted(set(experts_per_layer(m)))
+        _check(not uneven, "train.ep", f"a divisor of every layer's expert count {counts}", t.ep)
     _check(t.micro_batch_size is None or (t.micro_batch_size >= 1 and t.batch_size % t.micro_batch_size == 0),
            "train.micro_batch_size", f"null or a divisor of train.batch_size = {t.batch_size}", t.micro_batch_size)
     _check(t.lr > 0, "train.lr", "a number > 0", t.lr)

@@ -1,4 +1,6 @@
-"""A run directory's file names and readers, below train, eval, analysis and study.
+"""A run directory: its file names and readers, its config, the device and autocast it runs
+with, and loading a trained run. It sits below train, eval, analysis and study (which all
+read runs) and above model and train/checkpoint.py (the checkpoint format).
 
     run_dir/config.yaml        resolved config (vocab size set from the tokenizer, data path absolute)
     run_dir/tokenizer.json     the tokenizer trained on the training split
@@ -11,9 +13,17 @@
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
+import torch
+
+from samoe.config import Config, load_config
+from samoe.data.tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, load_tokenizer
 from samoe.errors import CheckpointError
+from samoe.model.gpt import GPT
+from samoe.train.checkpoint import latest_checkpoint, load_checkpoint
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 
@@ -34,3 +44,39 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise CheckpointError(f"'{run_dir}' has no {METRICS_FILE}: not a samoe run directory")
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:
+    """The run's resolved config.yaml, with `overrides` applied; CheckpointError if there is none."""
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"'{run_dir}' is not a samoe run directory (no {CONFIG_FILE})")
+    return load_config(path, overrides=overrides)
+
+
+def resolve_device(name: str) -> torch.device:
+    """auto: cuda when available, else cpu; cuda without a CUDA device is a CheckpointError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("train.device = 'cuda' but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def autocast_for(cfg: Config, device: torch.device):
+    """A context-manager factory: bf16 autocast when train.dtype = bfloat16, else a no-op."""
+    if cfg.train.dtype == "bfloat16":
+        return partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    return nullcontext
+
+
+def load_trained(run_dir: str | Path, device: str = "auto",
+                 overrides: list[str] = ()) -> tuple[Config, GPT, BPETokenizer | ByteTokenizer]:
+    """(config, model in eval mode, tokenizer) of a run directory, from its latest checkpoint."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir, overrides)
+    tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
+    dev = resolve_device(device)
+    model = GPT(cfg.model).to(dev)
+    load_checkpoint(latest_checkpoint(run_dir), model, dev)
+    return cfg, model.eval(), tokenizer

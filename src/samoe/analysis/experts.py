@@ -31,9 +31,13 @@ import numpy as np
 import torch
 
 from samoe.analysis.gradflow import _pyplot, _save_png, record_moe, routing_counts
+from samoe.config import micro_batch
+from samoe.data.prepare import load_splits
 from samoe.errors import UserError
 from samoe.fileio import write_text_atomic
 from samoe.moe.experts import PoolMixture
+from samoe.runs import load_run_config, load_trained
+from samoe.train.checkpoint import latest_checkpoint
 
 
 def cosine_matrix(tensors) -> np.ndarray:
@@ -195,10 +199,6 @@ def plot_report(report: dict, out: Path, title: str = "") -> list[Path]:
 def analyze_experts(run_dir: str | Path, out: str | Path, max_tokens: int | None = 65536,
                     device: str = "auto") -> dict:
     """Load the run's latest checkpoint, route its validation tokens, write JSON and PNGs."""
-    from samoe.data.prepare import load_splits
-    from samoe.train.checkpoint import latest_checkpoint
-    from samoe.train.loop import load_run_config, load_trained
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run directory '{run_dir}' does not exist")
@@ -208,7 +208,7 @@ def analyze_experts(run_dir: str | Path, out: str | Path, max_tokens: int | None
     latest_checkpoint(run_dir)  # CheckpointError: a run without a checkpoint
     cfg, model, tok = load_trained(run_dir, device)
     stream = load_splits(cfg.data, cfg.model.vocab_size, tok).val
-    batch = cfg.train.micro_batch_size or cfg.train.batch_size
+    batch = micro_batch(cfg.train)
     report = expert_report(model, stream, batch, max_tokens)
     moe = cfg.model.moe
     report = {"run_dir": str(run_dir), "router": moe.router, "sharing": moe.sharing,

@@ -35,9 +35,21 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from samoe.config import (Config, ModelConfig, expert_hidden, experts_per_layer, ffn_hidden,
-                          moe_layer_ids, router_top_k, save_config)
+from samoe.analysis.params import count_config_params
+from samoe.config import (
+    Config,
+    ModelConfig,
+    expert_hidden,
+    experts_per_layer,
+    fc1_width,
+    ffn_hidden,
+    micro_batch,
+    moe_layer_ids,
+    router_top_k,
+    save_config,
+)
 from samoe.errors import ConfigError
+from samoe.moe.routers import capacity
 
 PF_DAY = 1e15 * 86400  # 8.64e19 FLOPs
 TRAIN_MULTIPLIER = 3  # forward + backward (2 × forward)
@@ -48,19 +60,17 @@ COMPONENTS = ("attention_proj", "attention_scores", "dense_ffn", "router", "expe
 
 def _ffn_flops(m: ModelConfig, hidden: int) -> int:
     """F(f): matmul FLOPs of one FFN of hidden width f for one token."""
-    h = 2 * hidden if m.activation == "swiglu" else hidden
+    h = fc1_width(m.activation, hidden)
     return 2 * m.d_model * h + 2 * hidden * m.d_model
 
 
 def _expert_params(m: ModelConfig, hidden: int) -> int:
-    h = 2 * hidden if m.activation == "swiglu" else hidden
+    h = fc1_width(m.activation, hidden)
     return m.d_model * h + h + hidden * m.d_model + m.d_model
 
 
 def slots_per_token(m: ModelConfig, num_experts: int, batch_tokens: int) -> float:
     """Experts each token visits: k for token-choice routers; E·C/T for expert choice."""
-    from samoe.moe.routers import capacity
-
     moe, k = m.moe, router_top_k(m.moe)
     if moe.router != "expert_choice":
         return float(k)
@@ -92,7 +102,7 @@ def forward_flops(m: ModelConfig, batch_tokens: int) -> dict[str, float]:
 
 def default_batch_tokens(cfg: Config) -> int:
     """Tokens of one forward pass: a micro-batch of sequences of block_size tokens."""
-    return (cfg.train.micro_batch_size or cfg.train.batch_size) * cfg.model.block_size
+    return micro_batch(cfg.train) * cfg.model.block_size
 
 
 def default_tokens(cfg: Config) -> int:
@@ -189,8 +199,6 @@ def match_dense(cfg: Config, batch_tokens: int | None = None) -> tuple[Config, C
     blocks, solved for: the FLOPs match absorbs k experts of width f_e, routers and the
     amortised pool combination; the parameter match absorbs all experts.
     """
-    from samoe.analysis.params import count_config_params
-
     if not cfg.model.moe.enabled:
         raise ConfigError("model.moe.enabled = false: the config is already dense; expected an MoE config")
     bt = default_batch_tokens(cfg) if batch_tokens is None else batch_tokens

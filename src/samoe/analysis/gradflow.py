@@ -66,10 +66,14 @@ from torch import Tensor
 from tqdm import tqdm
 
 import samoe.moe.layer as layer_mod
-from samoe.config import ROUTERS, SHARING, Config, load_config, to_dict
+from samoe.config import ROUTERS, SHARING, Config, from_dict, load_config, micro_batch, to_dict
+from samoe.data.prepare import load_splits
 from samoe.errors import ConfigError, UserError
+from samoe.eval.perplexity import evaluate
 from samoe.fileio import write_text_atomic
+from samoe.model.gpt import GPT
 from samoe.moe.grouped import ExpertSource
+from samoe.train.optim import build_optimizer, lr_at
 
 DEFAULT_ROUTERS = ("switch", "gshard", "base", "hash")
 DEFAULT_EXPERTS = (4, 8, 16, 32, 64)
@@ -242,8 +246,6 @@ def cell_config(base: Config, router: str, num_experts: int, sharing: str) -> Co
     d["model"]["moe"].update(router=router, num_experts=num_experts, sharing=sharing, experts_per_layer=None)
     if sharing == "shared":  # the bank's size M is the E of every layer
         d["model"]["moe"]["shared_experts"] = num_experts
-    from samoe.config import from_dict
-
     try:
         return from_dict(d)
     except ConfigError as e:
@@ -255,10 +257,6 @@ def run_cell(cfg: Config, splits, token_counts: np.ndarray | None, measure: floa
     """Train cfg for cfg.train.max_steps steps and return the per-expert statistics (see the
     module docstring). `splits` from samoe.data.prepare.load_splits; `token_counts` [V] builds
     the frequency-balanced hash table (None: the seeded random map)."""
-    from samoe.eval.perplexity import evaluate
-    from samoe.model.gpt import GPT
-    from samoe.train.optim import build_optimizer, lr_at
-
     t, m = cfg.train, cfg.model
     device = torch.device("cpu")
     torch.manual_seed(t.seed)
@@ -274,7 +272,7 @@ def run_cell(cfg: Config, splits, token_counts: np.ndarray | None, measure: floa
     sharing = m.moe.sharing
     groups, unit_desc = _stored_units(model, sharing)
     group_idx = [[next(i for i, p in enumerate(params) if p is w) for w in g] for g in groups]
-    micro = t.micro_batch_size or t.batch_size
+    micro = micro_batch(t)
     n_micro = t.batch_size // micro
     if n_micro < 2:
         raise ConfigError("analyze gradflow needs at least 2 micro-batches per step for the SNR: "
@@ -422,12 +420,10 @@ def settings_of(base: Config, measure: float, data_desc: str) -> dict:
 def run_grid(base: Config, out: str | Path, routers: list[str], experts: list[int], sharings: list[str],
              measure: float = 0.5, progress: bool = True, log=print) -> dict:
     """Run (or resume) every cell of the grid; write cells, gradflow.json and PNGs under out."""
-    from samoe.data.prepare import load_splits
-
     check_grid(routers, experts, sharings)
     if not 0 < measure <= 1:
         raise UserError(f"--measure {measure} is invalid; expected a fraction in (0, 1]")
-    micro = base.train.micro_batch_size or base.train.batch_size
+    micro = micro_batch(base.train)
     if base.train.batch_size // micro < 2:
         raise ConfigError("analyze gradflow needs at least 2 micro-batches per step for the SNR: "
                           f"train.micro_batch_size ({micro}) must be at most half of train.batch_size "
@@ -439,7 +435,7 @@ def run_grid(base: Config, out: str | Path, routers: list[str], experts: list[in
     cells = [(r, e, s) for r in routers for e in experts for s in sharings]
     for r, e, s in cells:  # every cell's config is valid before anything runs
         cell_config(base, r, e, s)
-    data_desc = base.data.path or "built-in stdlib docs corpus"
+    data_desc = base.data.path or f"built-in {base.data.corpus} corpus"
     settings = settings_of(base, measure, data_desc)
     done = {}
     for r, e, s in cells:

@@ -83,7 +83,9 @@ def training_rss(base_mb: float = 2.0) -> dict[str, float]:
             subprocess.run([sys.executable, "-m", "samoe.cli", "data", "prepare", str(text), "--out", str(prep),
                             "--tokenizer", "byte", "--no-near-dedup", "--quiet"], check=True, capture_output=True)
             train = ["train", "--preset", "tiny", "--max-steps", "30", "--quiet", "data.tokenizer=byte"]
-            out[f"rss_prepared_x{scale}_mib"] = _peak_rss_mib([*train, "--data", str(prep), "--out", str(tmp / f"p{scale}")])
-            out[f"rss_text_x{scale}_mib"] = _peak_rss_mib([*train, "--data", str(text), "--out", str(tmp / f"t{scale}")])
+            out[f"rss_prepared_x{scale}_mib"] = _peak_rss_mib([*train, "--data", str(prep),
+                                                                 "--out", str(tmp / f"p{scale}")])
+            out[f"rss_text_x{scale}_mib"] = _peak_rss_mib([*train, "--data", str(text),
+                                                             "--out", str(tmp / f"t{scale}")])
             out[f"text_x{scale}_mb"] = text.stat().st_size / 1e6
     return out

@@ -90,8 +90,8 @@ def compare(shape: Shape, E: int, repeats: int) -> dict:
             continue
         torch.manual_seed(0)
         x = torch.randn(1, shape.tokens, shape.d_model, requires_grad=True)
-        t = interleaved_medians({"peer": lambda: peer(x).sum().backward(),
-                                 "ours": lambda: mine(x).sum().backward()}, repeats)
+        t = interleaved_medians({"peer": lambda peer=peer, x=x: peer(x).sum().backward(),
+                                 "ours": lambda mine=mine, x=x: mine(x).sum().backward()}, repeats)
         out[f"peer_{name}_vs_ours"] = t["peer"] / t["ours"]
         out[f"time_peer_{name}"], out[f"time_ours_for_{name}"] = t["peer"], t["ours"]
     return out

@@ -53,7 +53,7 @@ def run_suite(quick: bool, repeats: int) -> dict:
                               **({} if quick else training_rss())}),
     ]
     results: dict = {"machine": machine(), "quick": quick, "tokens": shape.tokens, "repeats": repeats}
-    for name, fn in tqdm(steps, desc="bench", unit="part"):
+    for _name, fn in tqdm(steps, desc="bench", unit="part"):
         results.update(fn())
     return results
 
@@ -71,8 +71,8 @@ def markdown(r: dict, command: str) -> str:
         f"| (a) MoE top-1 (dropless) vs dense FFN, E = 16 | {fmt('moe_vs_dense_e16')} | ≤ 1.10x |",
         f"| (a) MoE top-1 (dropless) vs dense FFN, E = 64 | {fmt('moe_vs_dense_e64')} | ≤ 1.25x |",
         f"| (b) SaMoE (K = 2) vs MoE layer, E = 16 | {fmt('samoe_vs_moe')} | ≤ 1.05x |",
-        *(f"| (e) SaMoE vs MoE training-step peak memory, {b}×512 tokens | {fmt(f'samoe_vs_moe_peak_mem_b{b}')} | < 0.70x |"
-          for b in MEMORY_BATCHES),
+        *(f"| (e) SaMoE vs MoE training-step peak memory, {b}×512 tokens "
+          f"| {fmt(f'samoe_vs_moe_peak_mem_b{b}')} | < 0.70x |" for b in MEMORY_BATCHES),
     ]
     for key in sorted(k for k in r if k.startswith("peer_")):
         lines.append(f"| (c) {key[5:-8]} time / ours | {r[key]:.2f}x | ≥ 1.3x |")
@@ -84,9 +84,10 @@ def markdown(r: dict, command: str) -> str:
         if f"{preset}_moe_tokens_per_s" in r:
             lines.append(f"| {preset} | " + " | ".join(f"{r[f'{preset}_{v}_tokens_per_s']:,.0f}"
                                                      for v in ("samoe", "moe", "dense")) + " |")
-    lines += ["", "(e) Peak RSS growth over two training steps (12 layers, MoE every other, E = 16, K = 2, d = 256):", ""]
-    lines += [f"- {b}×512 tokens: SaMoE {r[f'samoe_step_peak_mib_b{b}']:.0f} MiB, MoE {r[f'moe_step_peak_mib_b{b}']:.0f} MiB"
-              for b in MEMORY_BATCHES if f"moe_step_peak_mib_b{b}" in r]
+    lines += ["", "(e) Peak RSS growth over two training steps (12 layers, MoE every other, E = 16, K = 2, "
+              "d = 256):", ""]
+    lines += [f"- {b}×512 tokens: SaMoE {r[f'samoe_step_peak_mib_b{b}']:.0f} MiB, "
+              f"MoE {r[f'moe_step_peak_mib_b{b}']:.0f} MiB" for b in MEMORY_BATCHES if f"moe_step_peak_mib_b{b}" in r]
     lines += ["",
               "(f) Scaling with tokens T and experts E:", "",
               "| T | E | dense fwd+bwd (ms) | MoE / dense | SaMoE / MoE |", "| --- | --- | --- | --- | --- |"]

@@ -43,7 +43,8 @@ def run_isolated(module: str, *args: str, timeout: float = 600) -> dict:
     """Run `python -m module args...` in a fresh process (so peak RSS is its own) and return
     the JSON object it prints on its last line."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # big frees return memory: RSS tracks live tensors
-    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
+                         env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -111,7 +111,7 @@ def _cached(name: str, what: str, extract, root, cache) -> list[str]:
     try:
         write_text_atomic(path, "".join(json.dumps({"text": d}) + "\n" for d in docs))
     except OSError as e:  # an unwritable cache only costs a re-extraction next time
-        warnings.warn(f"could not cache the {name} corpus at '{path}': {e}")
+        warnings.warn(f"could not cache the {name} corpus at '{path}': {e}", stacklevel=2)
     return docs
 
 

@@ -10,8 +10,9 @@ fraction of equal minimum hashes); MinHash LSH (datasketch) with threshold t pro
 candidates among the documents kept so far, and a document is a near duplicate when a
 candidate's estimated J >= t. The LSH bands are tuned for recall (datasketch weights: false
 positives 0.1, false negatives 0.9: with t = 0.8 and 128 permutations a pair with J = 0.9 is a
-candidate with probability 0.999), since the check of the estimate removes false positives. Changing k words of an N-word document touches at most k*n of
-its N-n+1 shingles, so J >= (N-n+1-k*n) / (N-n+1+k*n): with n = 5, 3 words changed in 300 leave J >= 0.90.
+candidate with probability 0.999), since the check of the estimate removes false positives.
+Changing k words of an N-word document touches at most k*n of its N-n+1 shingles, so
+J >= (N-n+1-k*n) / (N-n+1+k*n): with n = 5, 3 words changed in 300 leave J >= 0.90.
 """
 
 from __future__ import annotations

@@ -51,7 +51,8 @@ def format_report(report: dict) -> str:
     for r in report["stages"]:
         removed = "" if r["docs_in"] is None else f"{r['docs_in'] - r['docs_out']:,}"
         docs_in = "" if r["docs_in"] is None else f"{r['docs_in']:,}"
-        lines.append(f"{r['stage']:<12} {docs_in:>10} {removed:>9} {r['docs_out']:>10,} {r['seconds']:>8.2f}  {r['note']}")
+        lines.append(f"{r['stage']:<12} {docs_in:>10} {removed:>9} {r['docs_out']:>10,} {r['seconds']:>8.2f}  "
+                     f"{r['note']}")
     lines.append(f"{'total':<12} {'':>10} {'':>9} {report['docs_out']:>10,} {report['seconds']:>8.2f}  "
                  f"train {report['train_tokens']:,} tokens, val {report['val_tokens']:,} tokens")
     return "\n".join(lines) + "\n"
@@ -89,14 +90,17 @@ def _check_options(opts: PrepareOptions) -> None:
         (0 < opts.threshold < 1, f"--threshold must be in (0, 1), got {opts.threshold}"),
         (opts.shingle >= 1, f"--shingle must be at least 1, got {opts.shingle}"),
         (opts.num_perm >= 2, f"--num-perm must be at least 2, got {opts.num_perm}"),
-        (opts.tokenizer != "bpe" or opts.vocab_size >= 258, f"--vocab-size must be at least 258, got {opts.vocab_size}"),
+        (opts.tokenizer != "bpe" or opts.vocab_size >= 258,
+         f"--vocab-size must be at least 258, got {opts.vocab_size}"),
     ]:
         if not ok:
             raise ConfigError(message)
 
 
-def prepare_dataset(sources: list[str], out, opts: PrepareOptions = PrepareOptions()) -> dict:
-    """Prepare `sources` (specs as in data/sources.py) into directory out; return the report."""
+def prepare_dataset(sources: list[str], out, opts: PrepareOptions | None = None) -> dict:
+    """Prepare `sources` (specs as in data/sources.py) into directory out; return the report.
+    `opts`: PrepareOptions() when None."""
+    opts = opts if opts is not None else PrepareOptions()
     out = Path(out)
     check_output_dir(out, opts.overwrite)
     parsed = [parse_source(s) for s in sources]

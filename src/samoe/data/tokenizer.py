@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from samoe.fileio import write_text_atomic
 from samoe.errors import ConfigError, DataError
+from samoe.fileio import write_text_atomic
 
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"

@@ -44,7 +44,8 @@ def evaluate(model: GPT, stream: TokenStream, token_bytes: np.ndarray, batch_siz
         with autocast():
             logits = model(x.to(device)).logits
         if i < n_batches:
-            nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(), reduction="sum")
+            nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.to(device).flatten(),
+                                                    reduction="sum")
             totals += torch.tensor([float(nll), y.numel(), int(token_bytes[y.numpy()].sum())], dtype=torch.float64)
     if all_sum is not None:
         totals = all_sum(totals)

@@ -40,8 +40,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from samoe.config import micro_batch
 from samoe.eval.tasks import Task
 from samoe.model.gpt import GPT
+from samoe.runs import autocast_for, load_trained
 
 Request = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
 
@@ -122,11 +124,9 @@ def windows_of(ctx: list[int], cont: list[int], block: int) -> list[tuple[list[i
 def load_scorer(run_dir: str | Path, device: str = "auto", batch_size: int | None = None) -> Scorer:
     """A Scorer for a run directory's latest checkpoint, routing dropless (see the module doc);
     batch_size defaults to the run's micro-batch (or batch) size."""
-    from samoe.train.loop import autocast_for, load_trained
-
     cfg, model, tok = load_trained(run_dir, device, ["model.moe.dropless=true"])
     autocast = autocast_for(cfg, next(model.parameters()).device)
-    return Scorer(model, tok, batch_size or cfg.train.micro_batch_size or cfg.train.batch_size, autocast)
+    return Scorer(model, tok, batch_size or micro_batch(cfg.train), autocast)
 
 
 def mean_stderr(values: list[float]) -> float | None:

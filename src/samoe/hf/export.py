@@ -26,7 +26,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from samoe.config import ModelConfig, expert_hidden, experts_per_layer, ffn_hidden, load_config, moe_layer_ids, router_top_k
+from samoe.config import (
+    ModelConfig,
+    expert_hidden,
+    experts_per_layer,
+    ffn_hidden,
+    load_config,
+    moe_layer_ids,
+    router_top_k,
+)
 from samoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from samoe.errors import ExportError
 from samoe.hf.stock import FORMATS as STOCK_FORMATS
@@ -108,7 +116,8 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "samoe-hf", mate
     else:
         config = samoe_hf_config(m, tok.eot_id, dtype)
         tensors = {(n if n == "lm_head.weight" else "model." + n): t for n, t in tensors.items()}
-    tensors = {n: (t.to(DTYPES[dtype]) if t.is_floating_point() else t).contiguous().clone() for n, t in tensors.items()}
+    tensors = {n: (t.to(DTYPES[dtype]) if t.is_floating_point() else t).contiguous().clone()
+               for n, t in tensors.items()}
     generation = {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "pad_token_id": tok.eot_id,
                   "use_cache": config["use_cache"]}
     files = {"config.json": json.dumps(config, indent=2) + "\n",

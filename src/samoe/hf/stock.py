@@ -134,7 +134,8 @@ def stock_tensors(m: ModelConfig, t: dict[str, Tensor], fmt: str) -> dict[str, T
             for name, w in zip(names, (w1[e][:, :f].t(), w1[e][:, f:].t(), w2[e].t())):
                 out[mlp + f"experts.{e}.{name}.weight"] = w
         if fmt == "qwen2_moe" and m.moe.residual:
-            out.update(_ffn(mlp + "shared_expert.", t[s + "ffn.residual.fc1.weight"], t[s + "ffn.residual.fc2.weight"], fd))
+            out.update(_ffn(mlp + "shared_expert.", t[s + "ffn.residual.fc1.weight"], t[s + "ffn.residual.fc2.weight"],
+                            fd))
             out[mlp + "shared_expert_gate.weight"] = t[s + "ffn.residual_coef.weight"]
         elif fmt == "qwen2_moe":  # a zero shared expert of width 1: adds σ(0) · 0 = 0
             z = w1.new_zeros

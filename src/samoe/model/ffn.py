@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from samoe.config import fc1_width
+
 
 def activate(h: Tensor, activation: str) -> Tensor:
     """gelu(h), or for swiglu with h = [u_gate | u_up] ([..., 2f]): silu(u_gate) · u_up."""
@@ -45,7 +47,7 @@ class FeedForward(nn.Module):
                  bias: bool = True):
         super().__init__()
         self.activation = activation
-        self.fc1 = nn.Linear(d_model, 2 * hidden if activation == "swiglu" else hidden, bias=bias)
+        self.fc1 = nn.Linear(d_model, fc1_width(activation, hidden), bias=bias)
         self.fc2 = nn.Linear(hidden, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout)
         nn.init.normal_(self.fc1.weight, std=0.02)

@@ -111,7 +111,8 @@ class GPT(nn.Module):
         f_exp = expert_hidden(cfg)
         self.expert_pool = self.expert_bank = None
         if moe_ids and moe.sharing == "pool":
-            self.expert_pool = ExpertWeights((moe.pool.size,), max(n_experts), d, f_exp, cfg.activation, L, ep, cfg.bias)
+            self.expert_pool = ExpertWeights((moe.pool.size,), max(n_experts), d, f_exp, cfg.activation, L, ep,
+                                             cfg.bias)
         elif moe_ids and moe.sharing == "shared":
             self.expert_bank = ExpertWeights((), moe.shared_experts, d, f_exp, cfg.activation, L, ep, cfg.bias)
 

@@ -9,7 +9,7 @@ where h = f for gelu and h = 2f for swiglu (gate and up projections side by side
 act(u) = silu(u[:, :f]) · u[:, f:]). A provider's forward() returns these four tensors
 (without biases, `model.bias = false`, b1 and b2 are constant zero buffers, not saved).
 
-SaMoE (DESIGN.md): the pool holds P1 [K, E, d, h] (likewise P2, b1, b2); layer l mixes it
+SaMoE (docs/design.md): the pool holds P1 [K, E, d, h] (likewise P2, b1, b2); layer l mixes it
 
     c_l = softmax(a_l / τ) over K,     W1_l[e] = Σ_k c_l[e, k] · P1[k, e]
 
@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from samoe.config import PoolConfig
+from samoe.config import PoolConfig, fc1_width
 from samoe.moe.expert_parallel import ExpertParallel, take_shard
 from samoe.moe.grouped import ExpertSource
 
@@ -42,7 +42,7 @@ class ExpertWeights(nn.Module):
     def __init__(self, lead: tuple[int, ...], num_experts: int, d_model: int, hidden: int,
                  activation: str, n_layers: int, ep: ExpertParallel | None = None, bias: bool = True):
         super().__init__()
-        h = 2 * hidden if activation == "swiglu" else hidden
+        h = fc1_width(activation, hidden)
         self.expert_axis = len(lead)
         cut = (lambda t: take_shard(t, self.expert_axis, ep)) if ep is not None else (lambda t: t)
         keep = lambda t: nn.Parameter(cut(t))  # noqa: E731

@@ -67,7 +67,8 @@ class MoEFeedForward(nn.Module):
         if self.ep is None:
             y = dispatch(flat, routing, self.experts.source(), self.activation)
         else:
-            y, sent = dispatch_ep(flat, routing, self.experts.source(), self.activation, self.router.num_experts, self.ep)
+            y, sent = dispatch_ep(flat, routing, self.experts.source(), self.activation, self.router.num_experts,
+                                  self.ep)
             self.a2a_bytes += sent
         y = y.view(B, S, d)
         self.last_stats = routing.stats()

@@ -15,7 +15,7 @@ Capacity: C = max(min_capacity, ceil(capacity_factor · T · k / E)). Slots clai
 slot-major order (every token's first choice before any second choice, earlier tokens first,
 as in GShard); slots past C are dropped and the residual stream carries those tokens.
 
-Losses (DESIGN.md): load balance E · Σ_e f_e · P_e with f_e the fraction of routed slots
+Losses (docs/design.md): load balance E · Σ_e f_e · P_e with f_e the fraction of routed slots
 choosing e (before capacity) and P_e the mean router probability of e; router z-loss
 mean(logsumexp(logits)²).
 """
@@ -27,7 +27,6 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samoe.config import MoEConfig, router_top_k

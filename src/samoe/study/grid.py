@@ -31,9 +31,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 import torch
+import yaml
 
 from samoe.analysis.flops import flops_report
 from samoe.analysis.params import count_config_params
@@ -41,7 +40,8 @@ from samoe.bench.timing import interleaved_medians
 from samoe.bench.training import train_step
 from samoe.config import Config, load_config
 from samoe.errors import ConfigError
-from samoe.runs import CONFIG_FILE, SUMMARY_FILE, read_json
+from samoe.runs import SUMMARY_FILE, read_json
+from samoe.train.checkpoint import LATEST
 
 
 @dataclass
@@ -66,11 +66,11 @@ class Cell:
         return self.cfg.train.max_steps * self.cfg.train.batch_size * self.cfg.model.block_size
 
     def state(self) -> str:
-        """'done', 'partial' (a run directory to resume) or 'new'."""
+        """'done', 'partial' (a run directory with a checkpoint to resume from) or 'new'."""
         summary = self.run_dir / SUMMARY_FILE
         if summary.is_file() and read_json(summary).get("steps") == self.cfg.train.max_steps:
             return "done"
-        return "partial" if (self.run_dir / CONFIG_FILE).is_file() else "new"
+        return "partial" if (self.run_dir / "checkpoints" / LATEST).is_file() else "new"
 
 
 def _string_list(value, where: str) -> list[str]:
@@ -104,7 +104,8 @@ def load_study(path: str | Path, out: str | Path) -> list[Cell]:
     known = {"preset", "steps", "seeds", "corpora", "arms", "description"}
     unknown = sorted(set(spec) - known)
     if unknown:
-        raise ConfigError(f"study file '{path}': unknown key {unknown[0]!r}; expected one of: {', '.join(sorted(known))}")
+        raise ConfigError(f"study file '{path}': unknown key {unknown[0]!r}; "
+                          f"expected one of: {', '.join(sorted(known))}")
     preset = spec.get("preset", "default")
     seeds = _int_list(spec.get("seeds", [1337]), f"{path}: seeds")
     steps = spec.get("steps")
@@ -130,7 +131,7 @@ def load_study(path: str | Path, out: str | Path) -> list[Cell]:
             if steps is not None:
                 overrides = overrides + [f"train.max_steps={steps}"]
             try:
-                cfg = load_config(preset=arm_preset, overrides=overrides)
+                load_config(preset=arm_preset, overrides=overrides)  # one error per arm, before its seeds
             except ConfigError as e:
                 raise ConfigError(f"{where}: {e}") from None
             for seed in arm_seeds:
@@ -167,7 +168,12 @@ def estimate_seconds(cells: list[Cell], threads: int, repeats: int = 3) -> dict[
 
 
 def train_command(cell: Cell) -> list[str]:
-    """The `samoe train` command line that (re)starts a cell."""
+    """The `samoe train` command line that (re)starts a cell. A run directory that a killed
+    run left before its first checkpoint is moved aside (to `seed{s}.incomplete-N`), as there
+    is nothing to resume from."""
+    if cell.state() == "new" and cell.run_dir.exists():
+        n = 1 + sum(1 for _ in cell.run_dir.parent.glob(cell.run_dir.name + ".incomplete-*"))
+        cell.run_dir.rename(cell.run_dir.with_name(f"{cell.run_dir.name}.incomplete-{n}"))
     base = [sys.executable, "-m", "samoe", "train", "--quiet"]
     if cell.state() == "partial":
         return base + ["--resume", "--out", str(cell.run_dir), f"train.max_steps={cell.cfg.train.max_steps}"]

@@ -138,7 +138,7 @@ def equal_time_rows(arms: list[Arm]) -> tuple[float, list[dict]]:
 
 def format_table(rows: list[dict]) -> str:
     head = ("| arm | seeds | total params | active params | train FLOPs | PF-days | tokens/s | train s "
-            "| val loss | val ppl | val bpb |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+            "| val loss | val ppl | val bpb |\n| --- |" + " ---: |" * 10)
     lines = [head]
     for r in rows:
         lines.append(f"| {r['arm']} | {r['seeds']} | {r['total_params']:,} | {r['active_params']:,} "
@@ -156,7 +156,8 @@ def plot(arms: list[Arm], out_dir: Path, prefix: str = "") -> list[Path]:
     import matplotlib.pyplot as plt
 
     paths = []
-    for x_name, index, label in (("tokens", 0, "training tokens"), ("seconds", 1, "training seconds (measured tokens/s)")):
+    axes = (("tokens", 0, "training tokens"), ("seconds", 1, "training seconds (measured tokens/s)"))
+    for x_name, index, label in axes:
         fig, ax = plt.subplots(figsize=(7, 4.5))
         for a in arms:
             c = a.curve()

@@ -8,7 +8,9 @@ Layout under a run directory:
 
 A checkpoint is written into a temporary directory, renamed into place, and only then does
 `latest` (replaced atomically) point at it, so a kill during a write leaves the previous
-checkpoint loadable. Older checkpoints beyond `keep` are removed afterwards.
+checkpoint loadable. Older checkpoints beyond `keep` are removed afterwards. A write that
+fails (a full disk, a directory that cannot be written) is a CheckpointError naming the path
+and the checkpoint that was kept.
 
 Loading verifies both files before using either: state.pt's zip CRC-32s and the SHA-256 of
 model.safetensors that state.pt records, so flipped or missing bytes give a CheckpointError
@@ -39,10 +41,29 @@ WEIGHTS, STATE, LATEST = "model.safetensors", "state.pt", "latest"
 def save_checkpoint(run_dir: Path, step: int, weights: nn.Module | dict[str, Tensor], state: dict,
                     keep: int = 2) -> Path:
     """Write weights (a model, or its tensors by name with tied ones once) + `state` (tensors,
-    numbers, strings, dicts of those) for `step`."""
+    numbers, strings, dicts of those) for `step`. CheckpointError if it cannot be written."""
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
+    try:
+        return _save(root, final, step, weights, state, keep)
+    except (OSError, SafetensorError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        raise write_error(final, e, run_dir) from None
+
+
+def write_error(path: Path, e: Exception, run_dir: Path) -> CheckpointError:
+    """The one-line error for a failed write under run_dir: the path, the reason, what was kept."""
+    pointer = Path(run_dir) / "checkpoints" / LATEST
+    try:
+        kept = f"the previous checkpoint '{pointer.parent / pointer.read_text().strip()}' is kept"
+    except OSError:
+        kept = "no checkpoint had been written yet"
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+    return CheckpointError(f"could not write '{path}': {reason}; {kept}")
+
+
+def _save(root: Path, final: Path, step: int, weights: nn.Module | dict[str, Tensor], state: dict,
+          keep: int) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
     for debris in root.glob(".step-*.tmp"):  # left by a writer that was killed
         shutil.rmtree(debris, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".{final.name}.", suffix=".tmp"))
@@ -101,7 +122,8 @@ def load_checkpoint(path: Path, model: nn.Module, device: torch.device | str = "
             raise ValueError("SHA-256 differs from the one recorded in state.pt")
         _load_weights(path / WEIGHTS, model, reshard or (lambda name, t: t))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint weights '{path / WEIGHTS}' are corrupt or unreadable: {first_line(e)}") from None
+        raise CheckpointError(f"checkpoint weights '{path / WEIGHTS}' are corrupt or unreadable: "
+                              f"{first_line(e)}") from None
     return state
 
 

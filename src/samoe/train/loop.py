@@ -22,45 +22,39 @@ from tqdm import tqdm
 
 from samoe.analysis.flops import run_summary_flops
 from samoe.analysis.params import count_config_params
-from samoe.config import Config, load_config, save_config
+from samoe.config import Config, micro_batch, save_config
 from samoe.data.prepare import load_splits
 from samoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from samoe.errors import CheckpointError
 from samoe.eval.perplexity import evaluate
 from samoe.fileio import write_text_atomic
 from samoe.model.gpt import GPT
-from samoe.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE
-from samoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from samoe.train.distributed import (Layout, all_mean, all_sum, clip_grad_norm, expert_axes, full_optimizer_state,
-                                     full_weights, gather_rng_states, init_layout, reduce_expert_grads,
-                                     reset_a2a_bytes, reshard, run_on_main, seed_process, shard_optimizer_state,
-                                     shutdown, step_a2a_bytes, sync_router_loads, wrap_ddp)
+from samoe.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, autocast_for, resolve_device
+from samoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_error
+from samoe.train.distributed import (
+    Layout,
+    all_mean,
+    all_sum,
+    clip_grad_norm,
+    expert_axes,
+    full_optimizer_state,
+    full_weights,
+    gather_rng_states,
+    init_layout,
+    reduce_expert_grads,
+    reset_a2a_bytes,
+    reshard,
+    run_on_main,
+    seed_process,
+    shard_optimizer_state,
+    shutdown,
+    step_a2a_bytes,
+    sync_router_loads,
+    wrap_ddp,
+)
 from samoe.train.optim import build_optimizer, lr_at
 from samoe.train.upcycle import check_fits as check_upcycle_fits
 from samoe.train.upcycle import load_dense_source, upcycle
-
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError("train.device = 'cuda' but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
-
-
-def autocast_for(cfg: Config, device: torch.device):
-    """A context-manager factory: bf16 autocast when train.dtype = bfloat16, else a no-op."""
-    if cfg.train.dtype == "bfloat16":
-        return partial(torch.autocast, device.type, dtype=torch.bfloat16)
-    return nullcontext
-
-
-def load_run_config(run_dir: Path, overrides: list[str] = ()) -> Config:
-    path = Path(run_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise CheckpointError(f"'{run_dir}' is not a samoe run directory (no {CONFIG_FILE})")
-    return load_config(path, overrides=overrides)
 
 
 def _rng_state(gen: torch.Generator, layout: Layout) -> dict:
@@ -86,11 +80,21 @@ def _set_rng_state(state: dict, gen: torch.Generator, layout: Layout) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
+def _open_metrics(path: Path, run_dir: Path):
+    try:
+        return open(path, "a")
+    except OSError as e:
+        raise write_error(path, e, run_dir) from None
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """Keep only the metrics rows of steps <= step (those the checkpoint has seen)."""
     if path.exists():
         rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        write_text_atomic(path, "".join(r + "\n" for r in rows))
+        try:
+            write_text_atomic(path, "".join(r + "\n" for r in rows))
+        except OSError as e:
+            raise write_error(path, e, path.parent) from None
 
 
 def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool = True,
@@ -139,9 +143,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Lay
     def start_run():  # the main process trains the tokenizer and writes the run's first files
         splits = load_data(source.tokenizer if source is not None else None)
         cfg.model.vocab_size = splits.tokenizer.vocab_size
-        run_dir.mkdir(parents=True, exist_ok=True)
-        splits.tokenizer.save(run_dir / TOKENIZER_FILE)
-        save_config(cfg, run_dir / CONFIG_FILE)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            splits.tokenizer.save(run_dir / TOKENIZER_FILE)
+            save_config(cfg, run_dir / CONFIG_FILE)
+        except OSError as e:
+            raise write_error(run_dir, e, run_dir) from None
         return splits
 
     if resume:
@@ -183,7 +190,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Lay
     t = cfg.train
     autocast = autocast_for(cfg, device)
     local_batch = t.batch_size // layout.world  # this process's share of the global batch
-    micro = t.micro_batch_size or local_batch
+    micro = micro_batch(t, layout.world)
     tokens_per_step = t.batch_size * cfg.model.block_size
     token_bytes = splits.tokenizer.token_bytes()
     evaluate_val = partial(evaluate, model, splits.val, token_bytes, micro, t.eval_tokens, autocast,
@@ -197,7 +204,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Lay
     bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not (progress and main),
                dynamic_ncols=True)
     last_val: dict = {}
-    metrics = open(metrics_path, "a") if main else None
+    metrics = _open_metrics(metrics_path, run_dir) if main else None
     try:
         while step < t.max_steps:
             t0 = time.time()
@@ -239,19 +246,26 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Lay
                     bar.write(f"step {step}: val_loss {last_val['val_loss']:.4f}  val_ppl {last_val['val_ppl']:.2f}  "
                               f"(unigram ppl {last_val['unigram_ppl']:.1f})")
             if main and (step % t.log_every == 0 or "val_loss" in row or step == t.max_steps):
-                metrics.write(json.dumps(row) + "\n")
-                metrics.flush()
+                try:
+                    metrics.write(json.dumps(row) + "\n")
+                    metrics.flush()
+                except OSError as e:
+                    raise write_error(metrics_path, e, run_dir) from None
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
             bar.update(1)
             if step % t.ckpt_every == 0 or step == t.max_steps:
-                state = {"optimizer": full_optimizer_state(optimizer, model, layout), "rng": _rng_state(data_gen, layout)}
+                state = {"optimizer": full_optimizer_state(optimizer, model, layout),
+                         "rng": _rng_state(data_gen, layout)}
                 weights = full_weights(model, layout)
                 if main:
                     save_checkpoint(run_dir, step, weights, state)
                 layout.barrier()
     finally:
         if metrics is not None:
-            metrics.close()
+            try:
+                metrics.close()
+            except OSError:  # every row was flushed, or the write error above says what was lost
+                pass
     bar.close()
     if not last_val:  # resumed a finished run
         last_val = evaluate_val()
@@ -268,16 +282,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Lay
         "ep": t.ep,
     }
     if main:
-        write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        try:
+            write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        except OSError as e:
+            raise write_error(run_dir / SUMMARY_FILE, e, run_dir) from None
     return summary
 
-
-def load_trained(run_dir: str | Path, device: str = "auto", overrides: list[str] = ()):
-    """(config, model in eval mode, tokenizer) of a run directory, from its latest checkpoint."""
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir, overrides)
-    tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
-    dev = resolve_device(device)
-    model = GPT(cfg.model).to(dev)
-    load_checkpoint(latest_checkpoint(run_dir), model, dev)
-    return cfg, model.eval(), tokenizer

@@ -127,14 +127,15 @@ def upcycled_tensors(model: GPT, src: DenseSource, noise: float = 0.0, seed: int
         return {n: torch.stack(v) for n, v in parts.items() if v and v[0] is not None}
 
     for name in model.state_dict():
-        if any(f in name for f in FRESH) or ".ffn.experts." in name or name.startswith(("expert_pool.", "expert_bank.")):
+        fresh_or_expert = any(f in name for f in FRESH) or ".ffn.experts." in name
+        if fresh_or_expert or name.startswith(("expert_pool.", "expert_bank.")):
             continue
         source = name.replace(".ffn.residual.", ".ffn.") if ".ffn.residual." in name else name
         if source not in t:
             raise UpcycleError(f"--init-from '{src.path}': the source has no tensor {source!r} for {name!r}")
         out[name] = t[source]
     L = len(moe_ids)
-    for pos, i in enumerate(moe_ids):
+    for i in moe_ids:
         if cfg.moe.sharing == "private":
             E = model.blocks[i].ffn.router.num_experts
             out.update({f"blocks.{i}.ffn.experts.{n}": w for n, w in stack([i] * E).items()})

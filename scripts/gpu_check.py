@@ -1,7 +1,7 @@
 """The device check: one script for a session that is lent a GPU (15 minutes, all tries).
 
-    PYTHONPATH=src python3 bench/gpu_check.py --out $OUT          # on the GPU machine (~5 min)
-    .venv/bin/python bench/gpu_check.py --device cpu --small      # here: that the script itself runs
+    PYTHONPATH=src python3 scripts/gpu_check.py --out $OUT          # on the GPU machine (~5 min)
+    .venv/bin/python scripts/gpu_check.py --device cpu --small      # here: that the script itself runs
 
 It runs from the source tree, without `pip install` (the GPU image has its own PyTorch), and
 writes $OUT/gpu_check.json. Parts:

@@ -1,0 +1,87 @@
+"""Helpers shared by the test modules (plain functions; the fixtures built on them are in
+conftest.py). Test modules import from here, never from one another."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from samoe.cli import main
+from samoe.config import load_config, save_config
+from samoe.data.tokenizer import ByteTokenizer
+from samoe.model.gpt import GPT
+from samoe.train.checkpoint import save_checkpoint
+
+WORDS = ("the expert router sends each token to one layer of a pool shared across depth while "
+         "gradients flow back through gates and weights so that training may learn which "
+         "combination of experts serves a sentence best given enough data and time").split()
+TIMING_KEYS = {"tokens_per_s"}  # measured, so never compared between runs
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    """`samoe ARGV` in-process: (exit status, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def assert_user_error(result, *names) -> str:
+    """The CLI's user-error contract: exit status 2, exactly one stderr line "samoe: error: ..."
+    naming every one of `names`, no traceback. Returns the line."""
+    code, out, err = result
+    assert "Traceback" not in err and "Traceback" not in out
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), f"expected one stderr line, got {err!r}"
+    line = lines[0]
+    assert line.startswith("samoe: error:"), line
+    for name in names:
+        assert str(name) in line, f"{name!r} not named in {line!r}"
+    assert code == 2
+    return line
+
+
+def write_corpus(path: Path, n_docs: int = 60, seed: int = 0) -> Path:
+    """A small text file of random sentences over WORDS (the golden loss curve's corpus)."""
+    rng = random.Random(seed)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(40, 120))) + "." for _ in range(n_docs)]
+    path.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    return path
+
+
+def tiny_args(data: Path, out: Path, steps: int, *extra: str) -> list[str]:
+    """`samoe train` arguments for a tiny run logging every step, evaluating and saving every 10."""
+    return ["train", "--preset", "tiny", "--data", str(data), "--out", str(out), "--quiet",
+            f"train.max_steps={steps}", "train.log_every=1", "train.eval_every=10", "train.ckpt_every=10",
+            "train.eval_tokens=512", "train.batch_size=4", "data.tokenizer=byte", *extra]
+
+
+def read_metrics(run: Path) -> list[dict]:
+    """A run's metrics.jsonl rows without the timing keys."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def make_run(root: Path, overrides: list[str], seed: int = 0, tokenizer=None) -> tuple[Path, GPT]:
+    """A run directory holding a tiny model with random (not trained) weights, as training writes it."""
+    tokenizer = tokenizer or ByteTokenizer()
+    cfg = load_config(preset="tiny", overrides=[f"model.vocab_size={tokenizer.vocab_size}", "data.tokenizer=byte",
+                                                *overrides])
+    torch.manual_seed(seed)
+    model = GPT(cfg.model)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) * (0.15 if p.dim() > 1 else 0.1))
+    root.mkdir(parents=True)
+    save_config(cfg, root / "config.yaml")
+    tokenizer.save(root / "tokenizer.json")
+    save_checkpoint(root, 1, model, {})
+    return root, model.eval()
