@@ -19,7 +19,7 @@ from samoe.errors import CheckpointError
 from samoe.model.gpt import GPT
 from samoe.train import checkpoint
 from samoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from samoe.train.optim import build_optimizer, decays, lr_at
+from samoe.train.optim import build_optimizer, decays, lr_at, set_lr
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_losses.json"
 KILL_AT = 25  # steps done when the child stops: after checkpoint 20, before the next one and the end
@@ -181,6 +181,21 @@ def test_weight_decay_skips_norms_biases_embeddings_routers_and_coefficients():
         assert name not in decayed, name
     opt = build_optimizer(model, cfg.train)
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+
+
+def test_coefficient_learning_rate_is_a_multiple_of_the_schedule():
+    """model.moe.pool.lr_scale: the coefficient logits (only they) step at lr_scale x the lr."""
+    cfg = load_config(preset="tiny", overrides=["model.moe.pool.lr_scale=10"])
+    model = GPT(cfg.model)
+    opt = build_optimizer(model, cfg.train, coef_lr_scale=cfg.model.moe.pool.lr_scale)
+    set_lr(opt, 0.002)
+    coef = {id(p) for n, p in model.named_parameters() if "coef_logits" in n}
+    assert coef
+    for group in opt.param_groups:
+        ids = {id(p) for p in group["params"]}
+        assert group["lr"] == pytest.approx(0.02 if ids & coef else 0.002)
+        assert not ids & coef or ids == coef
+    assert len(build_optimizer(model, cfg.train).param_groups) == 2  # scale 1: today's two groups
 
 
 @pytest.mark.slow

@@ -47,6 +47,7 @@ class PoolConfig:
     init: str = "noisy"  # uniform | noisy | cycle | sequence (one-hot, see moe/experts.py)
     init_noise: float = 0.1  # std of the noise added to uniform logits by init = "noisy"
     freeze: bool = False  # keep the coefficients fixed (frozen one-hot = hard layer sharing)
+    lr_scale: float = 1.0  # learning rate of the coefficient logits, as a multiple of train.lr's schedule
 
 
 @dataclass
@@ -249,6 +250,7 @@ def validate(cfg: Config) -> Config:
                "false unless model.moe.router is switch, gshard or topk", moe.aux_free_bias)
     _check(pool.size >= 1, "model.moe.pool.size", "an integer >= 1", pool.size)
     _check(pool.temperature > 0, "model.moe.pool.temperature", "a number > 0", pool.temperature)
+    _check(pool.lr_scale > 0, "model.moe.pool.lr_scale", "a number > 0", pool.lr_scale)
     _choice("model.moe.pool.granularity", pool.granularity, GRANULARITIES)
     _choice("model.moe.pool.init", pool.init, POOL_INITS)
 

@@ -73,7 +73,7 @@ from samoe.eval.perplexity import evaluate
 from samoe.fileio import write_text_atomic
 from samoe.model.gpt import GPT
 from samoe.moe.grouped import ExpertSource
-from samoe.train.optim import build_optimizer, lr_at
+from samoe.train.optim import build_optimizer, lr_at, set_lr
 
 DEFAULT_ROUTERS = ("switch", "gshard", "base", "hash")
 DEFAULT_EXPERTS = (4, 8, 16, 32, 64)
@@ -264,7 +264,7 @@ def run_cell(cfg: Config, splits, token_counts: np.ndarray | None, measure: floa
     model = GPT(m).to(device).train()
     if token_counts is not None and m.moe.hash_map == "balanced":
         model.set_token_frequencies(torch.from_numpy(token_counts))
-    optimizer = build_optimizer(model, t)
+    optimizer = build_optimizer(model, t, coef_lr_scale=cfg.model.moe.pool.lr_scale)
     params = [p for p in model.parameters() if p.requires_grad]
     layers = model.moe_layers()
     if not layers:
@@ -286,8 +286,7 @@ def run_cell(cfg: Config, splits, token_counts: np.ndarray | None, measure: floa
     bar = tqdm(total=t.max_steps, desc=desc, unit="step", leave=False, disable=not progress, dynamic_ncols=True)
     for step in range(t.max_steps):
         lr = lr_at(step, t)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        set_lr(optimizer, lr)
         x, y = splits.train.sample_batch(t.batch_size, m.block_size, data_gen)
         measuring = step >= first_measured
         counts = None

@@ -52,7 +52,7 @@ from samoe.train.distributed import (
     sync_router_loads,
     wrap_ddp,
 )
-from samoe.train.optim import build_optimizer, lr_at
+from samoe.train.optim import build_optimizer, lr_at, set_lr
 from samoe.train.upcycle import check_fits as check_upcycle_fits
 from samoe.train.upcycle import load_dense_source, upcycle
 
@@ -172,7 +172,8 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Lay
         state = load_checkpoint(ckpt, model, device, reshard(layout))
     seed_process(cfg.train.seed, layout)
     ddp = wrap_ddp(model, layout, device)
-    optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda")
+    optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda",
+                                coef_lr_scale=cfg.model.moe.pool.lr_scale)
     step = 0
     metrics_path = run_dir / METRICS_FILE
     if resume:
@@ -209,8 +210,7 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Lay
         while step < t.max_steps:
             t0 = time.time()
             lr = lr_at(step, t)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(optimizer, lr)
             x, y = splits.train.sample_batch(t.batch_size, cfg.model.block_size, data_gen)  # the same on every process
             mine = slice(layout.rank * local_batch, (layout.rank + 1) * local_batch)
             pieces = list(zip(x[mine].split(micro), y[mine].split(micro)))

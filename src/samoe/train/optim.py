@@ -17,15 +17,29 @@ def decays(name: str, p: nn.Parameter) -> bool:
     return not is_bias and not any(s in name for s in NO_DECAY)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False,
+                    coef_lr_scale: float = 1.0) -> torch.optim.AdamW:
     """Weight decay on weight matrices and expert weights; none on norms, biases, embeddings,
-    router weights and SaMoE coefficient logits."""
-    decay, no_decay = [], []
+    router weights and SaMoE coefficient logits. With coef_lr_scale != 1 the coefficient logits
+    get a group of their own whose learning rate is coef_lr_scale times the schedule's (set_lr)."""
+    decay, no_decay, coef = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if decays(name, p) else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            if coef_lr_scale != 1.0 and "coef_logits" in name:
+                coef.append(p)
+            else:
+                (decay if decays(name, p) else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay, "lr_scale": 1.0},
+              {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
+    if coef:
+        groups.append({"params": coef, "weight_decay": 0.0, "lr_scale": coef_lr_scale})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's learning rate for this step, times each group's lr_scale."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
