@@ -502,6 +502,9 @@ def main(argv: list[str] | None = None) -> int:
         if _main_process():
             print("samoe: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `samoe params ... | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":
