@@ -4,6 +4,7 @@ A study file (YAML):
 
     preset: default              # the base of every arm (default: default)
     steps: 2400                  # train.max_steps of every run (default: the preset's)
+    overrides: [train.eval_every=200]   # applied to every arm, before its own
     seeds: [1, 2, 3]             # seeds of every arm that does not name its own
     corpora:                     # optional: name -> overrides; default one corpus, the preset's
       stdlib: []
@@ -52,7 +53,7 @@ class Cell:
     seed: int
     corpus: str | None
     preset: str
-    overrides: list[str]  # the arm's, then the corpus's
+    overrides: list[str]  # the study's, the arm's, then the corpus's
     run_dir: Path
     cfg: Config = field(repr=False)
     arm_seeds: list[int] = field(default_factory=list)  # every seed of this arm, in study order
@@ -101,7 +102,7 @@ def load_study(path: str | Path, out: str | Path) -> list[Cell]:
         raise ConfigError(f"study file '{path}' is not valid YAML: {e}") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("arms"), dict) or not spec["arms"]:
         raise ConfigError(f"study file '{path}' must be a mapping with a non-empty 'arms' mapping")
-    known = {"preset", "steps", "seeds", "corpora", "arms", "description"}
+    known = {"preset", "steps", "seeds", "corpora", "arms", "overrides"}
     unknown = sorted(set(spec) - known)
     if unknown:
         raise ConfigError(f"study file '{path}': unknown key {unknown[0]!r}; "
@@ -111,6 +112,7 @@ def load_study(path: str | Path, out: str | Path) -> list[Cell]:
     steps = spec.get("steps")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise ConfigError(f"{path}: steps must be an integer >= 1, got {steps!r}")
+    common = _string_list(spec.get("overrides"), f"{path}: overrides")
     corpora = spec.get("corpora") or {None: []}
     if not isinstance(corpora, dict):
         raise ConfigError(f"{path}: corpora must be a mapping of name -> overrides")
@@ -127,7 +129,7 @@ def load_study(path: str | Path, out: str | Path) -> list[Cell]:
         else:
             arm_over, arm_seeds, arm_preset = _string_list(value, where), seeds, preset
         for corpus, corpus_over in corpora.items():
-            overrides = arm_over + _string_list(corpus_over, f"{path}: corpora.{corpus}")
+            overrides = common + arm_over + _string_list(corpus_over, f"{path}: corpora.{corpus}")
             if steps is not None:
                 overrides = overrides + [f"train.max_steps={steps}"]
             try:
