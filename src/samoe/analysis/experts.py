@@ -30,11 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samoe.analysis.gradflow import _pyplot, _save_png, record_moe, routing_counts
+from samoe.analysis.gradflow import _pyplot, _save_png, routing_counts
 from samoe.config import micro_batch
 from samoe.data.prepare import load_splits
 from samoe.errors import UserError
 from samoe.fileio import write_text_atomic
+from samoe.moe.dispatch import record_moe
 from samoe.moe.experts import PoolMixture
 from samoe.runs import load_run_config, load_trained
 from samoe.train.checkpoint import latest_checkpoint
@@ -59,7 +60,7 @@ def expert_report(model, stream, batch_size: int, max_tokens: int | None) -> dic
     counts = [torch.zeros(getattr(l.router, "num_experts", 0) or 1, dtype=torch.long) for l in layers]
     dropped, tokens = [0] * len(layers), 0
     for x, _ in stream.eval_batches(batch_size, model.cfg.block_size, max_tokens):
-        with record_moe(effective=False) as rec:
+        with record_moe(model, effective=False) as rec:
             model(x.to(device))
         tokens += x.numel()
         for li, (routing, _, E) in enumerate(rec.calls):
@@ -219,3 +220,29 @@ def analyze_experts(run_dir: str | Path, out: str | Path, max_tokens: int | None
     write_text_atomic(out / "experts.json", json.dumps(report) + "\n")
     report["plots"] = [str(p) for p in plot_report(report, out, f"{moe.router} / {moe.sharing}: ")]
     return report
+
+
+def format_report(report: dict, out: str | Path) -> str:
+    """What `samoe analyze experts` prints: per layer its load, drops, similarity and
+    coefficients; the similarity across layers and pool entries; where the files are."""
+    lines = []
+    for layer in report["layers"]:
+        counts = layer["tokens_per_expert"]
+        coef = layer.get("coefficients")
+        lines.append(f"MoE layer {layer['layer']}: tokens per expert {counts}, dropped "
+                     f"{100 * layer['dropped_frac']:.1f}%, mean off-diagonal cosine "
+                     f"{layer['mean_offdiag_similarity'] or 0:.3f}"
+                     + (f", coefficients {[round(c, 3) for c in coef]}" if coef and not isinstance(coef[0], list)
+                        else ""))
+    cross = [v for i, row in enumerate(report["cross_layer_similarity"]) for j, v in enumerate(row)
+             if i < j and v is not None]
+    if cross:
+        lines.append(f"same expert slot across layers: cosine {min(cross):.3f} to {max(cross):.3f}")
+    if "pool_entry_similarity" in report:
+        sim = report["pool_entry_similarity"]
+        off = [v for i, row in enumerate(sim) for j, v in enumerate(row) if i < j]
+        if off:
+            lines.append(f"pool entries P[k, e] vs P[k', e]: mean cosine {sum(off) / len(off):.3f}")
+    lines.append(f"{len(report['layers'])} MoE layers, {report['tokens']:,} validation tokens; "
+                 f"results in {out}/experts.json, plots in {out}/experts-*.png")
+    return "\n".join(lines)

@@ -43,6 +43,7 @@ from samoe.config import (
     experts_per_layer,
     fc1_width,
     ffn_hidden,
+    load_config,
     micro_batch,
     moe_layer_ids,
     router_top_k,
@@ -220,3 +221,15 @@ def write_matched(cfg: Config, name: str, out_dir: str | Path) -> dict[str, Path
     save_config(flops_cfg, paths["flops"])
     save_config(params_cfg, paths["params"])
     return paths
+
+
+def format_matched(cfg: Config, paths: dict[str, Path]) -> str:
+    """What `samoe match-dense` prints: the MoE and its dense matches (write_matched's paths),
+    one line each with FFN width, training FLOPs per token and parameters."""
+    lines = []
+    for label, c in [("moe", cfg), *((k, load_config(p)) for k, p in paths.items())]:
+        where = f"  {paths[label]}" if label in paths else ""
+        lines.append(f"{label:<7} ffn_hidden {c.model.ffn_hidden or 4 * c.model.d_model:>8}  "
+                     f"train FLOPs/token {flops_report(c)['train_flops_per_token']:>16,.0f}  "
+                     f"params {count_config_params(c.model)['total']:>16,}{where}")
+    return "\n".join(lines)

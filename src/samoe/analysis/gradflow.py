@@ -45,10 +45,18 @@ where it stopped (a cell with other settings is an error: use another --out). Th
 JSON (OUT/gradflow.json) and one PNG per statistic against E (one line per router and
 sharing, OUT/gradflow-STAT.png, and all of them in OUT/gradflow.png) are (re)written at the end.
 
-Mechanism: `record_moe()` temporarily replaces `samoe.moe.layer.dispatch` with a wrapper that
-keeps each layer's routing and hands the fast grouped path the effective weights as
-non-leaf tensors (combined from the pool with an einsum when there is one), so
-`torch.autograd.grad` can return their gradients. Nothing in the model changes.
+Mechanism: each cell is trained by the project's own train step (train/loop.py: train_step,
+with its schedule, accumulation, clipping and router-bias update), given a GradFlowHook. Around
+each micro-batch's forward the hook wraps every MoE layer's dispatcher in a recording one
+(moe/dispatch.py: record_moe), which keeps the layer's routing and hands the experts their
+effective weights as non-leaf tensors (combined from the pool with an einsum when there is
+one); tensor hooks on those and on the stored expert parameters catch each micro-batch's
+gradients during its backward. The recording works alike for local and expert-parallel
+dispatch. `samoe analyze gradflow RUN_DIR...` measures trained runs the same way: each run's
+next steps from its latest checkpoint, the run directory only read.
+
+The module (about 600 lines) keeps the statistics, the grid with its resumable cells, the run
+measurement, the table and the plots together: one analysis, one file.
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ import json
 import math
 import time
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -65,15 +74,17 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-import samoe.moe.layer as layer_mod
 from samoe.config import ROUTERS, SHARING, Config, from_dict, load_config, micro_batch, to_dict
 from samoe.data.prepare import load_splits
+from samoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from samoe.errors import ConfigError, UserError
 from samoe.eval.perplexity import evaluate
 from samoe.fileio import write_text_atomic
 from samoe.model.gpt import GPT
-from samoe.moe.grouped import ExpertSource
-from samoe.train.optim import build_optimizer, lr_at, set_lr
+from samoe.moe.dispatch import MoERecord, record_moe
+from samoe.runs import load_run_config
+from samoe.train.checkpoint import latest_checkpoint, load_checkpoint
+from samoe.train.loop import StepHook, Trainer, new_trainer, restore_state, train_step
 
 DEFAULT_ROUTERS = ("switch", "gshard", "base", "hash")
 DEFAULT_EXPERTS = (4, 8, 16, 32, 64)
@@ -99,53 +110,7 @@ STATS = {  # key in a cell's summary -> (plot title, y label, log y)
 }
 
 
-# --------------------------------------------------------------------------- recording hook
-
-
-class MoERecord:
-    """What one forward pass routed: per MoE layer (in order), its Routing and effective weights."""
-
-    def __init__(self):
-        self.calls: list[tuple] = []  # (routing, [w1, b1, w2, b2] effective, num_experts)
-
-    def clear(self) -> None:
-        self.calls.clear()
-
-
-def _effective(source: ExpertSource) -> list[Tensor]:
-    """The layer's expert stacks (W1, b1, W2, b2), [E, ...]: combined from the pool when the
-    source carries coefficients, else a view of the stacks (a non-leaf whose gradient is the
-    layer's own contribution, also for a bank shared by several layers)."""
-    if source.coef is None:
-        return [t.view_as(t) for t in source.tensors()]
-    spec = "k" if source.coef.dim() == 1 else "ek"
-    return [torch.einsum(f"{spec},ke...->e...", source.coef.to(p.dtype), p) for p in source.tensors()]
-
-
-@contextmanager
-def record_moe(effective: bool = True):
-    """Within the block, every MoE layer's forward appends (routing, effective weights, E) to
-    the yielded MoERecord. With effective=False the weights are not touched (routing only)."""
-    record = MoERecord()
-    original = layer_mod.dispatch
-
-    def dispatch(x, routing, source, activation):
-        if not isinstance(source, ExpertSource):
-            source = ExpertSource(*source)
-        E = source.w1.shape[-3]
-        if effective:
-            weights = _effective(source)
-            source = ExpertSource(*weights)
-        else:
-            weights = None
-        record.calls.append((routing, weights, E))
-        return original(x, routing, source, activation)
-
-    layer_mod.dispatch = dispatch
-    try:
-        yield record
-    finally:
-        layer_mod.dispatch = original
+# --------------------------------------------------------------------------- routing statistics
 
 
 def routing_counts(routing, num_experts: int) -> Tensor:
@@ -252,127 +217,208 @@ def cell_config(base: Config, router: str, num_experts: int, sharing: str) -> Co
         raise ConfigError(f"grid cell {cell_name(router, num_experts, sharing)}: {e}") from None
 
 
+class GradFlowHook(StepHook):
+    """train_step's per-micro-batch hook: records each micro-batch's routing (and, when
+    `measuring`, the effective expert weights), captures the gradients of that micro-batch with
+    tensor hooks on the effective weights and the stored expert parameters, and accumulates the
+    statistics of the module docstring. Call end_step() after each measured step."""
+
+    def __init__(self, model: GPT, sharing: str):
+        self.model = model
+        self.layers = len(model.moe_layers())
+        self.groups, self.unit_desc = _stored_units(model, sharing)
+        self.measuring = True
+        self.rec: MoERecord | None = None
+        self.eff_grads: list[list[Tensor | None]] = []
+        self.stored_grads = [[None] * len(g) for g in self.groups]
+        self.handles = [w.register_hook(partial(self._keep, self.stored_grads, gi, wi))
+                        for gi, g in enumerate(self.groups) for wi, w in enumerate(g)]
+        self.eff_acc: list[_SNRAccumulator] | None = None
+        self.stored_acc: list[_SNRAccumulator] = []
+        self.counts: list[Tensor] | None = None
+        self.tokens_sum = [np.zeros(0)] * self.layers
+        self.dead, self.cv, self.entropy, self.entropy_norm, self.dropped = [], [], [], [], []
+        self.measured = 0
+
+    @staticmethod
+    def _keep(store, i, j, grad):
+        store[i][j] = grad
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    @contextmanager
+    def forward(self):
+        self.stored_grads[:] = [[None] * len(g) for g in self.groups]
+        with record_moe(self.model, effective=self.measuring) as rec:
+            yield
+        self.rec = rec
+        self.eff_grads = [[None] * 4 for _ in rec.calls]
+        for li, (_, ws, _) in enumerate(rec.calls):
+            for wi, w in enumerate(ws or []):
+                w.register_hook(partial(self._keep, self.eff_grads, li, wi))
+
+    def after_backward(self, out, weight: float) -> None:
+        if not self.measuring:
+            return
+        calls = self.rec.calls
+        c = [routing_counts(r, E) for r, _, E in calls]
+        self.counts = c if self.counts is None else [a + b for a, b in zip(self.counts, c)]
+        if self.eff_acc is None:
+            # units: the experts this process holds (all E, or E/P under expert parallelism)
+            self.eff_acc = [_SNRAccumulator(ws[0].shape[0], sum(w[0].numel() for w in ws)) for _, ws, _ in calls]
+            for g in self.groups:
+                units = math.prod(g[0].shape[: g[0].dim() - 2])
+                self.stored_acc.append(_SNRAccumulator(units, sum(w.numel() for w in g) // units))
+        # the hooks saw the gradient of weight x (this micro-batch's loss): undo the weight
+        for li, (routing, ws, E) in enumerate(calls):
+            self.eff_acc[li].add(_rows(self.eff_grads[li], ws, 1) / weight)
+            self.entropy.append(router_entropy(routing))
+            self.entropy_norm.append(self.entropy[-1] / math.log(E) if E > 1 else 0.0)
+            self.dropped.append(float((~routing.keep.any(dim=1)).float().mean()))
+        for gi, g in enumerate(self.groups):
+            self.stored_acc[gi].add(_rows(self.stored_grads[gi], g, g[0].dim() - 2) / weight)
+
+    def end_step(self) -> None:
+        for acc in (*self.eff_acc, *self.stored_acc):
+            acc.end_step()
+        for li, c in enumerate(self.counts):
+            cn = c.numpy().astype(float)
+            self.tokens_sum[li] = cn if not self.tokens_sum[li].size else self.tokens_sum[li] + cn
+            self.dead.append(float((cn == 0).mean()))
+            self.cv.append(float(cn.std() / cn.mean()) if cn.mean() > 0 else 0.0)
+        self.counts = None
+        self.measured += 1
+
+    def result(self, losses: list[float], val_loss: float) -> dict:
+        per_layer = []
+        for li in range(self.layers):
+            per_layer.append({"tokens_per_step": (self.tokens_sum[li] / self.measured).tolist(),
+                              **self.eff_acc[li].result(), "dead_frac": float(np.mean(self.dead[li::self.layers]))})
+        stored = [a.result() for a in self.stored_acc]
+
+        def mean_defined(lists):
+            vals = [v for lst in lists for v in lst if v is not None]
+            return float(np.mean(vals)) if vals else None
+
+        summary = {
+            "grad_norm_per_param": float(np.mean([v for pl in per_layer for v in pl["grad_norm_per_param"]])),
+            "param_grad_norm_per_param": float(np.mean([v for s in stored for v in s["grad_norm_per_param"]])),
+            "snr": mean_defined([pl["snr"] for pl in per_layer]),
+            "snr_debiased": mean_defined([pl["snr_debiased"] for pl in per_layer]),
+            "param_snr": mean_defined([s["snr"] for s in stored]),
+            "param_snr_debiased": mean_defined([s["snr_debiased"] for s in stored]),
+            "snr_undefined_frac": float(np.mean([pl["snr_undefined_frac"] for pl in per_layer])),
+            "tokens_per_expert": float(np.mean([v for pl in per_layer for v in pl["tokens_per_step"]])),
+            "dead_frac": float(np.mean(self.dead)),
+            "load_cv": float(np.mean(self.cv)),
+            "router_entropy": float(np.mean(self.entropy)),
+            "router_entropy_norm": float(np.mean(self.entropy_norm)),
+            "dropped_frac": float(np.mean(self.dropped)),
+            "train_loss_last10": float(np.mean(losses[-10:])),
+            "val_loss": val_loss,
+        }
+        return {"summary": summary, "per_layer": per_layer, "stored": {"units": self.unit_desc, "groups": stored},
+                "measured_steps": self.measured}
+
+
+def _check_micro_batches(t) -> int:
+    micro = micro_batch(t)
+    if t.batch_size // micro < 2:
+        raise ConfigError("analyze gradflow needs at least 2 micro-batches per step for the SNR: "
+                          f"train.micro_batch_size ({micro}) must be at most half of train.batch_size ({t.batch_size})")
+    return t.batch_size // micro
+
+
+def measure_steps(tr: Trainer, val, steps: int, first_measured: int, progress: bool = False, desc: str = "") -> dict:
+    """Take `steps` train steps with tr (the project's train_step), measuring from the
+    `first_measured`-th on; then the validation loss. Returns the statistics (module docstring).
+    Under expert parallelism each process measures its own tokens and its own expert shard."""
+    cfg = tr.cfg
+    n_micro = _check_micro_batches(cfg.train)
+    if not tr.model.moe_layers():
+        raise ConfigError("the model has no MoE layers (model.moe.enabled = false?)")
+    hook = GradFlowHook(tr.model, cfg.model.moe.sharing)
+    tr.model.train()
+    losses, wall0 = [], time.time()
+    bar = tqdm(total=steps, desc=desc, unit="step", leave=False, disable=not progress, dynamic_ncols=True)
+    try:
+        for i in range(steps):
+            hook.measuring = i >= first_measured
+            row = train_step(tr, hook)
+            if hook.measuring:
+                hook.end_step()
+            losses.append(row["loss"])
+            bar.set_postfix(loss=f"{row['loss']:.3f}")
+            bar.update(1)
+    finally:
+        hook.close()
+        bar.close()
+    val_loss = evaluate(tr.model, val, np.ones(cfg.model.vocab_size, dtype=np.int64), tr.micro,
+                        cfg.train.eval_tokens)["val_loss"]
+    return {**hook.result(losses, val_loss), "steps": steps, "micro_batches": n_micro,
+            "wall_s": round(time.time() - wall0, 2)}
+
+
 def run_cell(cfg: Config, splits, token_counts: np.ndarray | None, measure: float = 0.5,
              progress: bool = False, desc: str = "") -> dict:
     """Train cfg for cfg.train.max_steps steps and return the per-expert statistics (see the
     module docstring). `splits` from samoe.data.prepare.load_splits; `token_counts` [V] builds
     the frequency-balanced hash table (None: the seeded random map)."""
     t, m = cfg.train, cfg.model
-    device = torch.device("cpu")
+    _check_micro_batches(t)
     torch.manual_seed(t.seed)
-    data_gen = torch.Generator().manual_seed(t.seed)
-    model = GPT(m).to(device).train()
+    model = GPT(m).train()
     if token_counts is not None and m.moe.hash_map == "balanced":
         model.set_token_frequencies(torch.from_numpy(token_counts))
-    optimizer = build_optimizer(model, t, coef_lr_scale=cfg.model.moe.pool.lr_scale)
-    params = [p for p in model.parameters() if p.requires_grad]
-    layers = model.moe_layers()
-    if not layers:
-        raise ConfigError("the grid's model has no MoE layers (model.moe.enabled = false?)")
-    sharing = m.moe.sharing
-    groups, unit_desc = _stored_units(model, sharing)
-    group_idx = [[next(i for i, p in enumerate(params) if p is w) for w in g] for g in groups]
-    micro = micro_batch(t)
-    n_micro = t.batch_size // micro
-    if n_micro < 2:
-        raise ConfigError("analyze gradflow needs at least 2 micro-batches per step for the SNR: "
-                          f"train.micro_batch_size ({micro}) must be at most half of train.batch_size ({t.batch_size})")
     first_measured = min(t.max_steps - 1, int(t.max_steps * (1 - measure)))
+    return measure_steps(new_trainer(cfg, model, splits.train), splits.val, t.max_steps, first_measured,
+                         progress, desc)
 
-    eff_acc = stored_acc = None
-    tokens_sum = [np.zeros(0)] * len(layers)
-    dead, cv, entropy, entropy_norm, dropped, losses = [], [], [], [], [], []
-    wall0 = time.time()
-    bar = tqdm(total=t.max_steps, desc=desc, unit="step", leave=False, disable=not progress, dynamic_ncols=True)
-    for step in range(t.max_steps):
-        lr = lr_at(step, t)
-        set_lr(optimizer, lr)
-        x, y = splits.train.sample_batch(t.batch_size, m.block_size, data_gen)
-        measuring = step >= first_measured
-        counts = None
-        step_loss = 0.0
-        for xm, ym in zip(x.split(micro), y.split(micro)):
-            with record_moe(effective=measuring) as rec:
-                out = model(xm, ym)
-            loss = out.loss + out.aux_loss
-            weights = [w for _, ws, _ in rec.calls for w in (ws or [])]
-            grads = torch.autograd.grad(loss, params + weights, allow_unused=True)
-            for p, g in zip(params, grads[: len(params)]):
-                if g is not None:
-                    g = g / n_micro
-                    p.grad = g if p.grad is None else p.grad.add_(g)
-            step_loss += out.loss.item() / n_micro
-            if not measuring:
-                continue
-            eff_grads = grads[len(params):]
-            c = [routing_counts(r, E) for r, _, E in rec.calls]
-            counts = c if counts is None else [a + b for a, b in zip(counts, c)]
-            if eff_acc is None:
-                eff_acc = [_SNRAccumulator(E, sum(w[0].numel() for w in ws)) for _, ws, E in rec.calls]
-                stored_acc = []
-                for g in groups:
-                    units = math.prod(g[0].shape[: g[0].dim() - 2])
-                    stored_acc.append(_SNRAccumulator(units, sum(w.numel() for w in g) // units))
-            for li, (routing, ws, E) in enumerate(rec.calls):
-                eff_acc[li].add(_rows(list(eff_grads[4 * li: 4 * li + 4]), ws, 1))
-                entropy.append(router_entropy(routing))
-                entropy_norm.append(entropy[-1] / math.log(E) if E > 1 else 0.0)
-                dropped.append(float((~routing.keep.any(dim=1)).float().mean()))
-            for gi, g in enumerate(groups):
-                lead = g[0].dim() - 2
-                stored_acc[gi].add(_rows([grads[i] for i in group_idx[gi]], g, lead))
-        if t.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.update_router_biases()
-        losses.append(step_loss)
-        if measuring:
-            for acc in (*eff_acc, *stored_acc):
-                acc.end_step()
-            for li, c in enumerate(counts):
-                cn = c.numpy().astype(float)
-                tokens_sum[li] = cn if not tokens_sum[li].size else tokens_sum[li] + cn
-                dead.append(float((cn == 0).mean()))
-                cv.append(float(cn.std() / cn.mean()) if cn.mean() > 0 else 0.0)
-        bar.set_postfix(loss=f"{step_loss:.3f}")
-        bar.update(1)
-    bar.close()
-    measured = t.max_steps - first_measured
-    val = evaluate(model, splits.val, np.ones(m.vocab_size, dtype=np.int64), micro, t.eval_tokens)
 
-    per_layer = []
-    for li in range(len(layers)):
-        r = eff_acc[li].result()
-        per_layer.append({"tokens_per_step": (tokens_sum[li] / measured).tolist(), **r,
-                          "dead_frac": float(np.mean(dead[li::len(layers)]))})
-    stored = [a.result() for a in stored_acc]
+# --------------------------------------------------------------------------- existing runs
 
-    def mean_defined(lists):
-        vals = [v for lst in lists for v in lst if v is not None]
-        return float(np.mean(vals)) if vals else None
 
-    summary = {
-        "grad_norm_per_param": float(np.mean([v for pl in per_layer for v in pl["grad_norm_per_param"]])),
-        "param_grad_norm_per_param": float(np.mean([v for s in stored for v in s["grad_norm_per_param"]])),
-        "snr": mean_defined([pl["snr"] for pl in per_layer]),
-        "snr_debiased": mean_defined([pl["snr_debiased"] for pl in per_layer]),
-        "param_snr": mean_defined([s["snr"] for s in stored]),
-        "param_snr_debiased": mean_defined([s["snr_debiased"] for s in stored]),
-        "snr_undefined_frac": float(np.mean([pl["snr_undefined_frac"] for pl in per_layer])),
-        "tokens_per_expert": float(np.mean([v for pl in per_layer for v in pl["tokens_per_step"]])),
-        "dead_frac": float(np.mean(dead)),
-        "load_cv": float(np.mean(cv)),
-        "router_entropy": float(np.mean(entropy)),
-        "router_entropy_norm": float(np.mean(entropy_norm)),
-        "dropped_frac": float(np.mean(dropped)),
-        "train_loss_last10": float(np.mean(losses[-10:])),
-        "val_loss": val["val_loss"],
-    }
-    return {"summary": summary, "per_layer": per_layer,
-            "stored": {"units": unit_desc, "groups": stored},
-            "steps": t.max_steps, "measured_steps": measured, "micro_batches": n_micro,
-            "wall_s": round(time.time() - wall0, 2)}
+def measure_run(run_dir: str | Path, steps: int, overrides: list[str] = (), progress: bool = False) -> dict:
+    """The statistics of a trained run at its latest checkpoint: the run's next `steps` train
+    steps (its data sampler, optimiser state and schedule restored), all measured, on CPU. The
+    run directory is only read. `overrides` change the run's config for the measurement (e.g.
+    train.micro_batch_size, when the run took one micro-batch per step)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir, [*overrides, "train.device=cpu"])
+    _check_micro_batches(cfg.train)
+    if steps < 1:
+        raise UserError(f"--steps {steps} is invalid; expected an integer >= 1")
+    splits = load_splits(cfg.data, cfg.model.vocab_size, load_tokenizer(run_dir / TOKENIZER_FILE))
+    model = GPT(cfg.model)
+    ckpt = latest_checkpoint(run_dir)
+    state = load_checkpoint(ckpt, model)
+    tr = new_trainer(cfg, model, splits.train)
+    restore_state(tr, state, ckpt)
+    start = tr.step
+    result = measure_steps(tr, splits.val, steps, 0, progress, run_dir.name)
+    return {"run": str(run_dir), "checkpoint_step": start, "router": cfg.model.moe.router,
+            "num_experts": cfg.model.moe.num_experts, "sharing": cfg.model.moe.sharing, **result}
+
+
+def measure_runs(run_dirs: list[str], out: str | Path, steps: int, overrides: list[str] = (),
+                 progress: bool = True) -> dict:
+    """measure_run for each run directory; writes OUT/runs.json and returns it."""
+    runs = [measure_run(r, steps, overrides, progress) for r in run_dirs]
+    report = {"steps": steps, "overrides": list(overrides), "runs": runs}
+    write_text_atomic(Path(out) / "runs.json", json.dumps(report, indent=1) + "\n")
+    return report
+
+
+def format_runs_table(report: dict) -> str:
+    """The measured runs as a Markdown table (run, checkpoint step, router, sharing, E, TABLE_COLUMNS)."""
+    head = ["run", "step", "router", "sharing", "E", *(h for _, h, _ in TABLE_COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in report["runs"]:
+        lines.append("| " + " | ".join([Path(r["run"]).name, str(r["checkpoint_step"]), r["router"], r["sharing"],
+                                        str(r["num_experts"]), *_table_values(r["summary"])]) + " |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- the grid
@@ -422,11 +468,7 @@ def run_grid(base: Config, out: str | Path, routers: list[str], experts: list[in
     check_grid(routers, experts, sharings)
     if not 0 < measure <= 1:
         raise UserError(f"--measure {measure} is invalid; expected a fraction in (0, 1]")
-    micro = micro_batch(base.train)
-    if base.train.batch_size // micro < 2:
-        raise ConfigError("analyze gradflow needs at least 2 micro-batches per step for the SNR: "
-                          f"train.micro_batch_size ({micro}) must be at most half of train.batch_size "
-                          f"({base.train.batch_size})")
+    _check_micro_batches(base.train)
     if not base.model.moe.enabled:
         raise ConfigError("model.moe.enabled = false: the grid's model has no MoE layers to analyse")
     out = Path(out)
@@ -495,11 +537,13 @@ def format_table(grid: dict) -> str:
     cells = sorted(grid["cells"], key=lambda c: (order[(c["cell"]["router"], c["cell"]["sharing"])],
                                                   c["cell"]["num_experts"]))
     for c in cells:
-        sm = c["summary"]
-        vals = ["–" if sm.get(k) is None else fmt.format(sm[k]) for k, _, fmt in TABLE_COLUMNS]
         lines.append("| " + " | ".join([c["cell"]["router"], c["cell"]["sharing"], str(c["cell"]["num_experts"]),
-                                        *vals]) + " |")
+                                        *_table_values(c["summary"])]) + " |")
     return "\n".join(lines)
+
+
+def _table_values(summary: dict) -> list[str]:
+    return ["–" if summary.get(k) is None else fmt.format(summary[k]) for k, _, fmt in TABLE_COLUMNS]
 
 
 # --------------------------------------------------------------------------- plots

@@ -1,11 +1,14 @@
 """A run's tokenizer as Hugging Face tokenizer files, so that AutoTokenizer.from_pretrained(DIR)
 gives the same ids.
 
-BPE runs already store a `tokenizers` tokenizer.json; it is written unchanged. Byte runs
+BPE runs already store a `tokenizers` tokenizer.json; it is written unchanged (but for the
+post-processor of a tokenizer taken from a Hugging Face checkpoint, a Llama one's BOS, which
+samoe does not apply and the export therefore drops). Byte runs
 (ids 0..255 = UTF-8 bytes, 256 = end of text) get an equivalent one: a byte-level BPE with the
 256 byte symbols as its vocabulary (id = byte value), no merges, and <|endoftext|> added as
 special token 256. Both come with a tokenizer_config.json naming PreTrainedTokenizerFast and
-<|endoftext|> as bos, eos and pad token.
+the end-of-text token (<|endoftext|>, or the eos of a Hugging Face checkpoint a run was
+upcycled from) as bos, eos and pad token.
 
 One difference remains: samoe encodes the literal text "<|endoftext|>" inside a document as
 ordinary text, a Hugging Face tokenizer as the special token.
@@ -33,13 +36,25 @@ def byte_tokenizer_json() -> str:
 
 def tokenizer_files(tok: BPETokenizer | ByteTokenizer, block_size: int) -> dict[str, str]:
     """File name -> text of the Hugging Face tokenizer files of a samoe tokenizer."""
-    text = tok.tk.to_str(pretty=True) if isinstance(tok, BPETokenizer) else byte_tokenizer_json()
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOT, "eos_token": EOT, "pad_token": EOT,
+    text = _without_post_processor(tok.tk) if isinstance(tok, BPETokenizer) else byte_tokenizer_json()
+    eot = tok.eot if isinstance(tok, BPETokenizer) else EOT  # a Hugging Face checkpoint's tokenizer keeps its eos
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": eot, "eos_token": eot, "pad_token": eot,
               "model_max_length": block_size, "clean_up_tokenization_spaces": False, "add_bos_token": False,
               "add_eos_token": False}
-    special = {"bos_token": EOT, "eos_token": EOT, "pad_token": EOT}
+    special = {"bos_token": eot, "eos_token": eot, "pad_token": eot}
     return {"tokenizer.json": text, "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
             "special_tokens_map.json": json.dumps(special, indent=2) + "\n"}
+
+
+def _without_post_processor(tk: Tokenizer) -> str:
+    """tk's tokenizer.json without a post-processor (a Llama tokenizer's BOS): samoe encodes
+    documents without one, so AutoTokenizer must too. samoe-trained tokenizers have none and
+    are written unchanged."""
+    if tk.post_processor is None:
+        return tk.to_str(pretty=True)
+    tk = Tokenizer.from_str(tk.to_str())
+    tk.post_processor = None
+    return tk.to_str(pretty=True)
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -25,7 +25,8 @@ from torch import Tensor, nn
 
 from samoe.config import ModelConfig, expert_hidden, experts_per_layer, ffn_hidden, moe_layer_ids
 from samoe.model.ffn import FeedForward, make_norm
-from samoe.moe.expert_parallel import ExpertParallel
+from samoe.moe.dispatch import LocalDispatcher
+from samoe.moe.expert_parallel import ExpertParallel, ExpertParallelDispatcher
 from samoe.moe.experts import ExpertWeights, PoolMixture, SharedBank
 from samoe.moe.layer import MoEFeedForward
 from samoe.moe.routers import HashRouter, TopKRouter, build_router
@@ -147,7 +148,9 @@ class GPT(nn.Module):
         router = build_router(moe, cfg.d_model, num_experts, cfg.vocab_size)
         residual = (FeedForward(cfg.d_model, ffn_hidden(cfg), cfg.activation, cfg.n_layers, cfg.dropout, cfg.bias)
                     if moe.residual else None)
-        return MoEFeedForward(router, experts, cfg.activation, residual, self.ep, moe.residual_gate, cfg.bias)
+        # the token dispatcher is chosen here, once: local, or over the expert-parallel group
+        dispatcher = LocalDispatcher() if self.ep is None else ExpertParallelDispatcher(self.ep, num_experts)
+        return MoEFeedForward(router, experts, cfg.activation, residual, dispatcher, moe.residual_gate, cfg.bias)
 
     def moe_layers(self) -> list[MoEFeedForward]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFeedForward)]

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
+from samoe.moe.dispatch import Dispatcher
 from samoe.moe.grouped import ExpertSource, gated_sum, grouped_expert_ffn
 from samoe.moe.routers import Routing
 
@@ -45,6 +46,25 @@ def local_experts(num_experts: int, ep: ExpertParallel) -> slice:
     return slice(ep.rank, num_experts, ep.size)
 
 
+class ExpertParallelDispatcher(Dispatcher):
+    """The dispatcher of one MoE layer whose E experts are spread over an expert-parallel group
+    (steps 1-5 of the module docstring). It owns the layer's all-to-all byte counter:
+    `sent_bytes`, the bytes this process sent to the others in forwards since `reset()`
+    (activations and counts; the backward sends as many again)."""
+
+    def __init__(self, ep: ExpertParallel, num_experts: int):
+        self.ep, self.num_experts = ep, num_experts
+        self.sent_bytes = 0
+
+    def reset(self) -> None:
+        self.sent_bytes = 0
+
+    def __call__(self, x: Tensor, routing: Routing, source: ExpertSource, activation: str) -> Tensor:
+        y, sent = dispatch_ep(x, routing, source, activation, self.num_experts, self.ep)
+        self.sent_bytes += sent
+        return y
+
+
 def dispatch_ep(x: Tensor, routing: Routing, source: ExpertSource, activation: str, num_experts: int,
                 ep: ExpertParallel) -> tuple[Tensor, int]:
     """Expert-parallel y [T, d] for x [T, d]; also the bytes this call sent to other processes
@@ -55,10 +75,18 @@ def dispatch_ep(x: Tensor, routing: Routing, source: ExpertSource, activation: s
     P, p = ep.size, ep.rank
     local = num_experts // P
     token, expert, gate = routing.kept_slots()
-    dest_major = (expert % P) * local + expert // P  # slot order: destination, then its local expert
+    # Global expert e lives on process e mod P as its local expert e div P (the strided layout
+    # of the module docstring). Sorting by dest_major = (e mod P)·local + e div P puts the slots
+    # for process 0 first, then process 1, ..., and within each process's block in its local
+    # expert order: one all-to-all with contiguous splits sends every process exactly its rows,
+    # already grouped the way that process's experts will read them. Stable, as in dispatch().
+    dest_major = (expert % P) * local + expert // P
     order = torch.argsort(dest_major, stable=True)
     token, gate = token[order], gate[order]
 
+    # bincount over dest_major, viewed [P, local], is how many rows go to each (process, local
+    # expert): its row sums are the all-to-all's send splits. Exchanging the whole [P, local]
+    # table (not only the sums) tells the receiver how its incoming rows divide among its experts.
     send_counts = torch.bincount(dest_major, minlength=num_experts)  # [P, local] flattened
     recv_counts = torch.empty_like(send_counts)
     dist.all_to_all_single(recv_counts, send_counts, group=ep.group)  # [source, local expert]
@@ -66,16 +94,23 @@ def dispatch_ep(x: Tensor, routing: Routing, source: ExpertSource, activation: s
     recv_splits = recv_counts.view(P, local).sum(1).tolist()
 
     received = all_to_all_single_autograd(x[token], recv_splits, send_splits, ep.group)
-    # rows arrive grouped by source process, then local expert; regroup by local expert
+    # Rows arrive grouped by source process, then local expert: source 0's rows for experts
+    # 0..local-1, then source 1's, ... Labelling each row with its local expert
+    # (arange(local) repeated per source, each label repeated by its count) and stable-sorting
+    # by that label regroups them by expert, sources in order, for the grouped FFN.
     row_expert = torch.arange(local, device=x.device).repeat(P).repeat_interleave(recv_counts)
     regroup = torch.argsort(row_expert, stable=True)
     counts = recv_counts.view(P, local).sum(0).tolist()
     # even with no rows: the experts and coefficients stay in the graph (zero gradients), as DDP
     # and the backward all-to-alls on the other processes expect
     out = grouped_expert_ffn(received[regroup], counts, source, activation)
-    out = torch.empty_like(out).index_copy(0, regroup, out)  # back to arrival order
+    # index_copy with the same permutation undoes the regrouping (out[regroup[i]] = row i), so
+    # the rows go back in arrival order and the reverse all-to-all returns each to its sender
+    out = torch.empty_like(out).index_copy(0, regroup, out)
     returned = all_to_all_single_autograd(out, send_splits, recv_splits, ep.group)
 
+    # bytes that leave this process: rows to the others (not to itself) and rows back to them,
+    # plus the count table's other P - 1 blocks
     row_bytes = x.shape[1] * x.element_size()
     sent = (sum(send_splits) - send_splits[p] + sum(recv_splits) - recv_splits[p]) * row_bytes
     sent += (P - 1) * local * send_counts.element_size()

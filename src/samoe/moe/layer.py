@@ -2,7 +2,8 @@
 
     y[t] = Σ_{slots j kept} gate[t, j] · expert_{e[t, j]}(x[t])
 
-Dispatch sorts the kept (token, expert) pairs by expert, runs each expert once on its
+The layer's dispatcher (moe/dispatch.py: local, or expert-parallel), chosen when the model is
+built, sorts the kept (token, expert) pairs by expert, runs each expert once on its
 contiguous slice (moe/grouped.py), then adds the gated outputs back with index_add; no
 [T, E, C] one-hot tensors. Capacity and dropless routing share this path (they differ only
 in `keep`).
@@ -14,25 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from samoe.model.ffn import FeedForward
-from samoe.moe.expert_parallel import ExpertParallel, dispatch_ep
-from samoe.moe.experts import ExpertTensors
-from samoe.moe.grouped import ExpertSource, gated_sum, grouped_expert_ffn
+from samoe.moe.dispatch import Dispatcher, LocalDispatcher
 from samoe.moe.routers import Routing
-
-
-def dispatch(x: Tensor, routing: Routing, source: ExpertSource | ExpertTensors, activation: str) -> Tensor:
-    """Run the routed experts: x [T, d] -> y [T, d] (zero rows for tokens dropped everywhere).
-
-    `source` is an ExpertSource (a stack, or a SaMoE pool with its coefficients) or a plain
-    (W1, b1, W2, b2) stack.
-    """
-    if not isinstance(source, ExpertSource):
-        source = ExpertSource(*source)
-    token, expert, gate = routing.kept_slots()
-    order = torch.argsort(expert, stable=True)
-    token, gate = token[order], gate[order]
-    counts = torch.bincount(expert, minlength=source.w1.shape[-3]).tolist()
-    return gated_sum(x, token, gate, grouped_expert_ffn(x[token], counts, source, activation))
 
 
 class MoEFeedForward(nn.Module):
@@ -46,7 +30,7 @@ class MoEFeedForward(nn.Module):
     """
 
     def __init__(self, router: nn.Module, experts: nn.Module, activation: str, residual: FeedForward | None = None,
-                 ep: ExpertParallel | None = None, residual_gate: str = "softmax", bias: bool = True):
+                 dispatcher: Dispatcher | None = None, residual_gate: str = "softmax", bias: bool = True):
         super().__init__()
         self.router = router
         self.experts = experts
@@ -56,21 +40,20 @@ class MoEFeedForward(nn.Module):
         outputs = 2 if residual_gate == "softmax" else 1
         self.residual_coef = nn.Linear(residual.fc1.in_features, outputs, bias=bias) if residual is not None else None
         self.last_stats: dict[str, Tensor] = {}
-        self.ep = ep  # experts spread over the processes of an expert-parallel group
-        self.a2a_bytes = 0  # bytes sent to other processes by forwards since the last reset
+        self.dispatcher = dispatcher or LocalDispatcher()
+
+    @property
+    def a2a_bytes(self) -> int:
+        """Bytes this layer's forwards sent to other processes since the dispatcher's reset
+        (0 unless its experts are spread over an expert-parallel group)."""
+        return getattr(self.dispatcher, "sent_bytes", 0)
 
     def forward(self, x: Tensor, token_ids: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """x [B, S, d], token_ids [B, S] -> (y [B, S, d], auxiliary losses)."""
         B, S, d = x.shape
         flat = x.reshape(B * S, d)
         routing: Routing = self.router(flat, token_ids.reshape(-1))
-        if self.ep is None:
-            y = dispatch(flat, routing, self.experts.source(), self.activation)
-        else:
-            y, sent = dispatch_ep(flat, routing, self.experts.source(), self.activation, self.router.num_experts,
-                                  self.ep)
-            self.a2a_bytes += sent
-        y = y.view(B, S, d)
+        y = self.dispatcher(flat, routing, self.experts.source(), self.activation).view(B, S, d)
         self.last_stats = routing.stats()
         if self.residual is not None and self.residual_gate == "sigmoid":
             y = y + torch.sigmoid(self.residual_coef(x)) * self.residual(x)

@@ -32,7 +32,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from samoe.config import Config
 from samoe.errors import ConfigError, UserError
-from samoe.moe.expert_parallel import ExpertParallel, gather_shards, take_shard
+from samoe.moe.expert_parallel import ExpertParallel, ExpertParallelDispatcher, gather_shards, take_shard
 from samoe.moe.experts import ExpertWeights
 
 
@@ -178,18 +178,23 @@ def sync_router_loads(model: nn.Module, layout: Layout) -> None:
             dist.all_reduce(load)
 
 
+def _ep_dispatchers(model: nn.Module) -> list[ExpertParallelDispatcher]:
+    return [layer.dispatcher for layer in model.moe_layers() if isinstance(layer.dispatcher, ExpertParallelDispatcher)]
+
+
 def step_a2a_bytes(model: nn.Module, layout: Layout) -> int:
     """Bytes all processes sent each other in all-to-alls since reset_a2a_bytes (forward and
     backward of one training step; the backward mirrors the forward)."""
-    sent = sum(2 * layer.a2a_bytes for layer in model.moe_layers())
+    sent = sum(2 * d.sent_bytes for d in _ep_dispatchers(model))
     total = torch.tensor(float(sent), device=layout.device)
     dist.all_reduce(total)
     return int(total)
 
 
 def reset_a2a_bytes(model: nn.Module) -> None:
-    for layer in model.moe_layers():
-        layer.a2a_bytes = 0
+    """Zero the byte counters of the model's expert-parallel dispatchers."""
+    for d in _ep_dispatchers(model):
+        d.reset()
 
 
 def full_weights(model: nn.Module, layout: Layout) -> nn.Module | dict[str, torch.Tensor] | None:

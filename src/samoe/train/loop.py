@@ -4,6 +4,10 @@ One optimiser step consumes `train.batch_size` sequences of `model.block_size` t
 global batch), split into micro-batches of `train.micro_batch_size` for gradient accumulation.
 Resuming restores weights, optimiser, RNG and data-sampler state and truncates metrics.jsonl to
 the checkpoint, so a resumed run logs the same values as an uninterrupted one.
+
+The trainer is a handful of steps (set_up, train_step, evaluate_and_log, save, summarise) that
+`samoe analyze gradflow` reuses; the module is a little over 400 lines because it holds all of
+them, the RNG and metrics-file plumbing included, in one place to read.
 """
 
 from __future__ import annotations
@@ -11,24 +15,28 @@ from __future__ import annotations
 import json
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor, nn
 from tqdm import tqdm
 
 from samoe.analysis.flops import run_summary_flops
 from samoe.analysis.params import count_config_params
 from samoe.config import Config, micro_batch, save_config
-from samoe.data.prepare import load_splits
+from samoe.data.dataset import TokenStream
+from samoe.data.prepare import Splits, load_splits
 from samoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from samoe.errors import CheckpointError
 from samoe.eval.perplexity import evaluate
 from samoe.fileio import write_text_atomic
-from samoe.model.gpt import GPT
+from samoe.model.gpt import GPT, GPTOutput
 from samoe.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, autocast_for, resolve_device
 from samoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_error
 from samoe.train.distributed import (
@@ -104,18 +112,167 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     Under torchrun (WORLD_SIZE > 1) this is one process of a data + expert parallel run
     (train/distributed.py); the main process writes the run directory. `init_from`: a dense
     run or samoe-hf export to upcycle the new model from (train/upcycle.py), with relative
-    expert noise `init_noise`."""
+    expert noise `init_noise`.
+
+    The run is five steps: set_up (data, model, optimiser, resume), then per optimiser step
+    train_step, evaluate_and_log and (when due) save, and at the end summarise."""
     joined = dist.is_initialized()
     layout, device = init_layout(cfg, resolve_device(cfg.train.device))
     try:
-        return _train(cfg, Path(run_dir), resume, progress, layout, device, init_from, init_noise)
+        run = set_up(cfg, Path(run_dir), resume, layout, device, init_from, init_noise)
+        return _run(run, progress)
     finally:
         if not joined:
             shutdown(layout)
 
 
-def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Layout, device: torch.device,
-           init_from: str | Path | None = None, init_noise: float = 0.0) -> dict:
+# --------------------------------------------------------------------------- the train step
+
+
+@dataclass
+class Trainer:
+    """What an optimiser step reads and changes: the config, this process's layout and device,
+    the model (and `ddp`, the model or its DistributedDataParallel wrapper), the optimiser, the
+    training stream with its sampler, and the number of steps taken."""
+
+    cfg: Config
+    model: GPT
+    optimizer: torch.optim.Optimizer
+    train_data: TokenStream
+    data_gen: torch.Generator
+    layout: Layout = field(default_factory=Layout)
+    device: torch.device = torch.device("cpu")
+    ddp: nn.Module | None = None
+    autocast: Callable[[], AbstractContextManager] = nullcontext
+    step: int = 0
+
+    def __post_init__(self):
+        if self.ddp is None:
+            self.ddp = self.model
+
+    @property
+    def local_batch(self) -> int:
+        """This process's share of the global batch."""
+        return self.cfg.train.batch_size // self.layout.world
+
+    @property
+    def micro(self) -> int:
+        return micro_batch(self.cfg.train, self.layout.world)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.model.block_size
+
+
+def new_trainer(cfg: Config, model: GPT, train_data: TokenStream, layout: Layout | None = None) -> Trainer:
+    """A Trainer at step 0 for `model` (already on the layout's device, weights final): its DDP
+    wrapper under data parallelism, the optimiser, the data sampler seeded with train.seed."""
+    layout = layout or Layout()
+    device = layout.device
+    optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda",
+                                coef_lr_scale=cfg.model.moe.pool.lr_scale)
+    return Trainer(cfg, model, optimizer, train_data, torch.Generator().manual_seed(cfg.train.seed), layout, device,
+                   wrap_ddp(model, layout, device), autocast_for(cfg, device))
+
+
+class StepHook:
+    """Watches the micro-batches of a train_step (gradient-flow analysis). The defaults do nothing."""
+
+    def forward(self) -> AbstractContextManager:
+        """A context around each micro-batch's forward pass (to record what it routes)."""
+        return nullcontext()
+
+    def after_backward(self, out: GPTOutput, weight: float) -> None:
+        """Called after each micro-batch's backward; `weight` is the micro-batch's share of the
+        step's loss (its gradients were scaled by it)."""
+
+
+def forward_backward(tr: Trainer, x: Tensor, y: Tensor, hook: StepHook | None = None) -> dict[str, float]:
+    """Forward and backward of this process's share of the global batch (x, y [B, S]) in
+    micro-batches, gradients accumulated into .grad as the gradient of the share's mean loss.
+    Returns the share's mean loss and auxiliary losses (not yet averaged over processes)."""
+    layout, local = tr.layout, tr.local_batch
+    mine = slice(layout.rank * local, (layout.rank + 1) * local)
+    pieces = list(zip(x[mine].split(tr.micro), y[mine].split(tr.micro)))
+    logs = {"loss": 0.0}
+    for i, (xm, ym) in enumerate(pieces):
+        weight = xm.shape[0] / local
+        accumulate = layout.world > 1 and i < len(pieces) - 1
+        with tr.ddp.no_sync() if accumulate else nullcontext():  # DDP reduces once, after the last
+            with tr.autocast(), hook.forward() if hook else nullcontext():
+                out = tr.ddp(xm.to(tr.device, non_blocking=True), ym.to(tr.device, non_blocking=True))
+            ((out.loss + out.aux_loss) * weight).backward()
+        if hook:
+            hook.after_backward(out, weight)
+        logs["loss"] += out.loss.item() * weight
+        for name, value in out.aux.items():
+            logs[name] = logs.get(name, 0.0) + value.item() * weight
+    return logs
+
+
+def train_step(tr: Trainer, hook: StepHook | None = None) -> dict:
+    """One optimiser step: the schedule's learning rate, a global batch in micro-batches with
+    gradient accumulation, the expert-gradient reduction, clipping to the global norm, the
+    optimiser step and the router-bias update. Returns the step's metrics row (without
+    validation numbers)."""
+    t, layout, model = tr.cfg.train, tr.layout, tr.model
+    t0 = time.time()
+    lr = lr_at(tr.step, t)  # looked up here, once per step (the SIGKILL test hooks it)
+    set_lr(tr.optimizer, lr)
+    x, y = tr.train_data.sample_batch(t.batch_size, tr.cfg.model.block_size, tr.data_gen)  # the same on every process
+    reset_a2a_bytes(model)
+    logs = all_mean(forward_backward(tr, x, y, hook), layout)
+    if layout.ep is not None:
+        reduce_expert_grads(model, layout)
+    grad_norm = clip_grad_norm(model, layout, t.grad_clip or float("inf"))
+    tr.optimizer.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    sync_router_loads(model, layout)
+    model.update_router_biases()
+    tr.step += 1
+    row = {"step": tr.step, "tokens": tr.step * tr.tokens_per_step, **logs, "lr": lr, "grad_norm": float(grad_norm),
+           "tokens_per_s": tr.tokens_per_step / (time.time() - t0), **model.routing_stats()}
+    if layout.ep is not None:
+        row["a2a_bytes"] = step_a2a_bytes(model, layout)
+    return row
+
+
+# --------------------------------------------------------------------------- a run
+
+
+@dataclass
+class Run:
+    """A run being trained: its directory, trainer, data splits, and what the summary needs."""
+
+    run_dir: Path
+    trainer: Trainer
+    splits: Splits
+    params: dict
+    token_bytes: np.ndarray  # [V] UTF-8 bytes per token, for bits per byte
+
+    def evaluate(self) -> dict:
+        """Validation loss, perplexity and bits per byte, shared over the processes."""
+        tr = self.trainer
+        return evaluate(tr.model, self.splits.val, self.token_bytes, tr.micro,
+                        tr.cfg.train.eval_tokens, tr.autocast, shard=(tr.layout.rank, tr.layout.world),
+                        all_sum=partial(all_sum, layout=tr.layout))
+
+
+def restore_state(tr: Trainer, state: dict, ckpt: Path) -> None:
+    """Continue from a checkpoint's state (load_checkpoint's answer; the weights are already
+    loaded): the optimiser, the RNG and data-sampler state, the step count."""
+    try:
+        tr.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], tr.optimizer, tr.model, tr.layout))
+    except (KeyError, ValueError, IndexError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint '{ckpt}' has an unusable optimiser state: {e}") from None
+    _set_rng_state(state["rng"], tr.data_gen, tr.layout)
+    tr.step = int(state["step"])
+
+
+def set_up(cfg: Config, run_dir: Path, resume: bool, layout: Layout, device: torch.device,
+           init_from: str | Path | None = None, init_noise: float = 0.0) -> Run:
+    """Read or start the run directory, load the data, build the model (upcycled from
+    `init_from`, or restored from the latest checkpoint when resuming) and its trainer."""
     main = layout.is_main
     source = None
     if init_from is not None and not resume:  # upcycling: the source's tokenizer, checked before any write
@@ -125,11 +282,9 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Lay
     if resume:
         tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
         ckpt = latest_checkpoint(run_dir)
-    else:
-        if (run_dir / CONFIG_FILE).exists():
-            raise CheckpointError(f"run directory '{run_dir}' already holds a run; pass --resume to continue "
-                                  "it or choose another --out")
-        tokenizer = None
+    elif (run_dir / CONFIG_FILE).exists():
+        raise CheckpointError(f"run directory '{run_dir}' already holds a run; pass --resume to continue "
+                              "it or choose another --out")
     if cfg.data.path is not None:
         cfg.data.path = str(Path(cfg.data.path).resolve())
     layout.barrier()  # every process has looked at run_dir before the main one writes to it
@@ -160,106 +315,103 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Lay
     cfg.model.vocab_size = splits.tokenizer.vocab_size
 
     torch.manual_seed(cfg.train.seed)
-    data_gen = torch.Generator().manual_seed(cfg.train.seed)
     model = GPT(cfg.model, layout.ep).to(device)  # identical on every process but for the expert shards
     layout.expert_axes = expert_axes(model) if layout.ep is not None else {}
     if source is not None:
         upcycle(model, source, init_noise, cfg.train.seed, reshard(layout))
     if cfg.model.moe.hash_map == "balanced" and not resume:
         model.set_token_frequencies(torch.from_numpy(np.bincount(splits.train.tokens, minlength=cfg.model.vocab_size)))
-    params = count_config_params(cfg.model)  # the whole model's, whatever this process holds
     if resume:
         state = load_checkpoint(ckpt, model, device, reshard(layout))
     seed_process(cfg.train.seed, layout)
-    ddp = wrap_ddp(model, layout, device)
-    optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda",
-                                coef_lr_scale=cfg.model.moe.pool.lr_scale)
-    step = 0
+    tr = new_trainer(cfg, model, splits.train, layout)
     metrics_path = run_dir / METRICS_FILE
     if resume:
-        try:
-            optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], optimizer, model, layout))
-        except (KeyError, ValueError, IndexError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint '{ckpt}' has an unusable optimiser state: {e}") from None
-        _set_rng_state(state["rng"], data_gen, layout)
-        step = int(state["step"])
+        restore_state(tr, state, ckpt)
         if main:
-            _truncate_metrics(metrics_path, step)
+            _truncate_metrics(metrics_path, tr.step)
     elif main and metrics_path.exists():
         metrics_path.unlink()
+    params = count_config_params(cfg.model)  # the whole model's, whatever this process holds
+    return Run(run_dir, tr, splits, params, splits.tokenizer.token_bytes())
 
-    t = cfg.train
-    autocast = autocast_for(cfg, device)
-    local_batch = t.batch_size // layout.world  # this process's share of the global batch
-    micro = micro_batch(t, layout.world)
-    tokens_per_step = t.batch_size * cfg.model.block_size
-    token_bytes = splits.tokenizer.token_bytes()
-    evaluate_val = partial(evaluate, model, splits.val, token_bytes, micro, t.eval_tokens, autocast,
-                           shard=(layout.rank, layout.world), all_sum=partial(all_sum, layout=layout))
 
+def evaluate_and_log(run: Run, row: dict, metrics, bar: tqdm) -> dict | None:
+    """Evaluate when due (adding val_* to the row) and append the row to metrics.jsonl when due
+    (the main process holds `metrics`, the open file). Returns the evaluation, or None."""
+    tr, t = run.trainer, run.trainer.cfg.train
+    step, val = tr.step, None
+    if step % t.eval_every == 0 or step == t.max_steps:
+        val = run.evaluate()
+        row.update({k: val[k] for k in ("val_loss", "val_ppl", "val_bpb")})
+        if tr.layout.is_main:
+            bar.write(f"step {step}: val_loss {val['val_loss']:.4f}  val_ppl {val['val_ppl']:.2f}  "
+                      f"(unigram ppl {val['unigram_ppl']:.1f})")
+    if metrics is not None and (step % t.log_every == 0 or "val_loss" in row or step == t.max_steps):
+        try:
+            metrics.write(json.dumps(row) + "\n")
+            metrics.flush()
+        except OSError as e:
+            raise write_error(Path(metrics.name), e, run.run_dir) from None
+    bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+    bar.update(1)
+    return val
+
+
+def save(run: Run) -> None:
+    """A checkpoint of the step just taken: full weights, optimiser, RNG and sampler state
+    (gathered from every process; the main process writes)."""
+    tr = run.trainer
+    state = {"optimizer": full_optimizer_state(tr.optimizer, tr.model, tr.layout),
+             "rng": _rng_state(tr.data_gen, tr.layout)}
+    weights = full_weights(tr.model, tr.layout)
+    if tr.layout.is_main:
+        save_checkpoint(run.run_dir, tr.step, weights, state)
+    tr.layout.barrier()
+
+
+def summarise(run: Run, val: dict, start: int, wall_s: float) -> dict:
+    """summary.json (written by the main process): parameters, tokens, FLOPs, wall time and the
+    final validation numbers."""
+    tr, t = run.trainer, run.trainer.cfg.train
+    tokens = tr.step * tr.tokens_per_step
+    summary = {
+        "params": run.params,
+        "steps": tr.step,
+        "tokens": tokens,
+        **run_summary_flops(tr.cfg, tokens),  # train_flops_per_token, train_flops, pf_days
+        "wall_s": round(wall_s, 3),
+        "steps_this_session": tr.step - start,
+        **{k: val[k] for k in ("val_loss", "val_ppl", "val_bpb", "unigram_ppl", "val_tokens")},
+        "device": str(tr.device),
+        "processes": tr.layout.world,
+        "ep": t.ep,
+    }
+    if tr.layout.is_main:
+        try:
+            write_text_atomic(run.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
+        except OSError as e:
+            raise write_error(run.run_dir / SUMMARY_FILE, e, run.run_dir) from None
+    return summary
+
+
+def _run(run: Run, progress: bool) -> dict:
+    tr, t, main = run.trainer, run.trainer.cfg.train, run.trainer.layout.is_main
     if main:  # only now: a user error above prints one line
-        print(f"run directory: {run_dir}" + (f" ({layout.world} processes, ep = {t.ep})" if layout.world > 1 else ""),
-              file=sys.stderr)
-    model.train()
-    start, wall0 = step, time.time()
-    bar = tqdm(total=t.max_steps, initial=step, desc="train", unit="step", disable=not (progress and main),
+        print(f"run directory: {run.run_dir}"
+              + (f" ({tr.layout.world} processes, ep = {t.ep})" if tr.layout.world > 1 else ""), file=sys.stderr)
+    tr.model.train()
+    start, wall0 = tr.step, time.time()
+    bar = tqdm(total=t.max_steps, initial=tr.step, desc="train", unit="step", disable=not (progress and main),
                dynamic_ncols=True)
     last_val: dict = {}
-    metrics = _open_metrics(metrics_path, run_dir) if main else None
+    metrics = _open_metrics(run.run_dir / METRICS_FILE, run.run_dir) if main else None
     try:
-        while step < t.max_steps:
-            t0 = time.time()
-            lr = lr_at(step, t)
-            set_lr(optimizer, lr)
-            x, y = splits.train.sample_batch(t.batch_size, cfg.model.block_size, data_gen)  # the same on every process
-            mine = slice(layout.rank * local_batch, (layout.rank + 1) * local_batch)
-            pieces = list(zip(x[mine].split(micro), y[mine].split(micro)))
-            reset_a2a_bytes(model)
-            logs = {"loss": 0.0}
-            for i, (xm, ym) in enumerate(pieces):
-                accumulate = layout.world > 1 and i < len(pieces) - 1
-                with ddp.no_sync() if accumulate else nullcontext():  # DDP reduces once, after the last
-                    with autocast():
-                        out = ddp(xm.to(device, non_blocking=True), ym.to(device, non_blocking=True))
-                    ((out.loss + out.aux_loss) * (xm.shape[0] / local_batch)).backward()
-                logs["loss"] += out.loss.item() * xm.shape[0] / local_batch
-                for name, value in out.aux.items():
-                    logs[name] = logs.get(name, 0.0) + value.item() * xm.shape[0] / local_batch
-            logs = all_mean(logs, layout)
-            if layout.ep is not None:
-                reduce_expert_grads(model, layout)
-            grad_norm = clip_grad_norm(model, layout, t.grad_clip or float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            sync_router_loads(model, layout)
-            model.update_router_biases()
-            step += 1
-            row = {"step": step, "tokens": step * tokens_per_step, **logs, "lr": lr,
-                   "grad_norm": float(grad_norm), "tokens_per_s": tokens_per_step / (time.time() - t0),
-                   **model.routing_stats()}
-            if layout.ep is not None:
-                row["a2a_bytes"] = step_a2a_bytes(model, layout)
-            if step % t.eval_every == 0 or step == t.max_steps:
-                last_val = evaluate_val()
-                row.update({k: last_val[k] for k in ("val_loss", "val_ppl", "val_bpb")})
-                if main:
-                    bar.write(f"step {step}: val_loss {last_val['val_loss']:.4f}  val_ppl {last_val['val_ppl']:.2f}  "
-                              f"(unigram ppl {last_val['unigram_ppl']:.1f})")
-            if main and (step % t.log_every == 0 or "val_loss" in row or step == t.max_steps):
-                try:
-                    metrics.write(json.dumps(row) + "\n")
-                    metrics.flush()
-                except OSError as e:
-                    raise write_error(metrics_path, e, run_dir) from None
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            bar.update(1)
-            if step % t.ckpt_every == 0 or step == t.max_steps:
-                state = {"optimizer": full_optimizer_state(optimizer, model, layout),
-                         "rng": _rng_state(data_gen, layout)}
-                weights = full_weights(model, layout)
-                if main:
-                    save_checkpoint(run_dir, step, weights, state)
-                layout.barrier()
+        while tr.step < t.max_steps:
+            row = train_step(tr)
+            last_val = evaluate_and_log(run, row, metrics, bar) or last_val
+            if tr.step % t.ckpt_every == 0 or tr.step == t.max_steps:
+                save(run)
     finally:
         if metrics is not None:
             try:
@@ -268,23 +420,12 @@ def _train(cfg: Config, run_dir: Path, resume: bool, progress: bool, layout: Lay
                 pass
     bar.close()
     if not last_val:  # resumed a finished run
-        last_val = evaluate_val()
-    summary = {
-        "params": params,
-        "steps": step,
-        "tokens": step * tokens_per_step,
-        **run_summary_flops(cfg, step * tokens_per_step),  # train_flops_per_token, train_flops, pf_days
-        "wall_s": round(time.time() - wall0, 3),
-        "steps_this_session": step - start,
-        **{k: last_val[k] for k in ("val_loss", "val_ppl", "val_bpb", "unigram_ppl", "val_tokens")},
-        "device": str(device),
-        "processes": layout.world,
-        "ep": t.ep,
-    }
-    if main:
-        try:
-            write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
-        except OSError as e:
-            raise write_error(run_dir / SUMMARY_FILE, e, run_dir) from None
-    return summary
+        last_val = run.evaluate()
+    return summarise(run, last_val, start, time.time() - wall0)
 
+
+def format_summary(summary: dict, run_dir: str | Path) -> str:
+    """The one line `samoe train` ends with."""
+    return (f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['wall_s']:.0f}s; "
+            f"val_loss {summary['val_loss']:.4f}, val_ppl {summary['val_ppl']:.2f}, val_bpb {summary['val_bpb']:.3f} "
+            f"(unigram ppl {summary['unigram_ppl']:.1f}); results in {run_dir}")

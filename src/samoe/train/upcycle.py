@@ -1,9 +1,11 @@
 """Sparse upcycling: start an MoE (or SaMoE) run from a trained dense model.
 
-The source is a dense samoe run directory (its latest checkpoint and tokenizer) or a samoe-hf
-export of one (`samoe export`). The new model takes the source's tokenizer and every tensor
-the two share by name (embeddings, attention, norms, the dense FFN blocks that stay dense);
-each MoE layer at block i starts from block i's dense FFN (fc1: W [h, d], b; fc2):
+The source is a dense samoe run directory (its latest checkpoint and tokenizer), a samoe-hf
+export of one (`samoe export`), or a stock Hugging Face Llama-architecture checkpoint on disk
+(hf/llama.py maps its weights to samoe's names and takes its tokenizer, eos as end of text).
+The new model takes the source's tokenizer and every tensor the two share by name
+(embeddings, attention, norms, the dense FFN blocks that stay dense); each MoE layer at
+block i starts from block i's dense FFN (fc1: W [h, d], b; fc2):
 
     private experts   W1[e] = fc1.Wᵀ + σ·std(fc1.W)·ε_e,   W2[e] = fc2.Wᵀ + σ·std(fc2.W)·ε_e
                       b1[e] = fc1.b, b2[e] = fc2.b                    (ε_e ~ N(0, 1), σ = noise)
@@ -33,6 +35,8 @@ from torch import Tensor
 from samoe.config import ModelConfig, expert_hidden, ffn_hidden, from_dict, load_config, moe_layer_ids
 from samoe.data.tokenizer import TOKENIZER_FILE, ByteTokenizer, load_tokenizer
 from samoe.errors import UpcycleError
+from samoe.hf.llama import MODEL_TYPES as HF_MODEL_TYPES
+from samoe.hf.llama import load_llama
 from samoe.model.gpt import GPT
 from samoe.runs import CONFIG_FILE
 from samoe.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -48,35 +52,44 @@ class DenseSource:
     cfg: ModelConfig
     tensors: dict[str, Tensor]  # samoe names, tied weights under both names
     tokenizer: object
+    max_block_size: int | None = None  # rotary HF checkpoints: any model.block_size up to this fits
 
 
 def load_dense_source(path: str | Path) -> DenseSource:
-    """A dense run directory or samoe-hf export; UpcycleError when it is neither or not dense."""
+    """A dense run directory, samoe-hf export or Llama-architecture Hugging Face checkpoint;
+    UpcycleError when it is none of these, not dense, or (Llama) does not fit the backbone."""
     path = Path(path)
+    max_block = None
     if (path / CONFIG_FILE).is_file():
         cfg = load_config(path / CONFIG_FILE)
         model = GPT(cfg.model)
         load_checkpoint(latest_checkpoint(path), model)
         tensors, m, tok = dict(model.state_dict()), cfg.model, load_tokenizer(path / TOKENIZER_FILE)
     elif (path / "config.json").is_file():
-        m, tensors, tok = _load_samoe_hf(path)
+        try:
+            config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UpcycleError(f"--init-from '{path / 'config.json'}' cannot be read as JSON: {e}") from None
+        model_type = config.get("model_type") if isinstance(config, dict) else None
+        if model_type == "samoe":
+            m, tensors, tok = _load_samoe_hf(path, config)
+        elif model_type in HF_MODEL_TYPES:
+            m, tensors, tok = load_llama(path, config)
+            max_block = m.block_size  # rotary: no position table, the run chooses its context
+        else:
+            raise UpcycleError(f"--init-from '{path}': model_type {model_type!r} is not supported; expected a samoe "
+                               f"run directory, a samoe-hf export (model_type 'samoe') or a Hugging Face checkpoint "
+                               f"of model_type {', '.join(map(repr, HF_MODEL_TYPES))}")
     else:
         raise UpcycleError(f"--init-from '{path}' is neither a samoe run directory ({CONFIG_FILE}) nor a "
-                           "Hugging Face export (config.json)")
+                           "Hugging Face model directory (config.json)")
     if moe_layer_ids(m):
         raise UpcycleError(f"--init-from '{path}' is an MoE model (model.moe.enabled = true); upcycling starts "
                            "from a dense one")
-    return DenseSource(path, m, tensors, tok)
+    return DenseSource(path, m, tensors, tok, max_block)
 
 
-def _load_samoe_hf(path: Path) -> tuple[ModelConfig, dict[str, Tensor], object]:
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UpcycleError(f"--init-from '{path / 'config.json'}' cannot be read as JSON: {e}") from None
-    if config.get("model_type") != "samoe":
-        raise UpcycleError(f"--init-from '{path}': model_type {config.get('model_type')!r} is not supported; "
-                           "expected a samoe run directory or a samoe-hf export (model_type 'samoe')")
+def _load_samoe_hf(path: Path, config: dict) -> tuple[ModelConfig, dict[str, Tensor], object]:
     samoe = {k: v for k, v in config["samoe"].items() if k not in ("expert_hidden", "moe_layers", "experts_per_layer")}
     samoe["moe"] = {k: v for k, v in samoe["moe"].items() if k != "top_k"}
     m = from_dict({"model": samoe}).model
@@ -93,7 +106,11 @@ def check_fits(target: ModelConfig, src: DenseSource) -> None:
     """UpcycleError naming the first backbone field where target and source differ."""
     for name in BACKBONE:
         a, b = getattr(target, name), getattr(src.cfg, name)
-        if a != b:
+        if name == "block_size" and src.max_block_size is not None:
+            if a > src.max_block_size:
+                raise UpcycleError(f"--init-from '{src.path}': model.block_size = {a} is longer than the source's "
+                                   f"max_position_embeddings {src.max_block_size}")
+        elif a != b:
             raise UpcycleError(f"--init-from '{src.path}': model.{name} = {a!r} does not fit the source's {b!r}")
     if ffn_hidden(target) != ffn_hidden(src.cfg):
         raise UpcycleError(f"--init-from '{src.path}': model.ffn_hidden = {ffn_hidden(target)} does not fit the "
