@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import random
 from pathlib import Path
 
@@ -85,3 +86,22 @@ def make_run(root: Path, overrides: list[str], seed: int = 0, tokenizer=None) ->
     tokenizer.save(root / "tokenizer.json")
     save_checkpoint(root, 1, model, {})
     return root, model.eval()
+
+
+def make_study_run(run_dir: Path, val_loss: float, overrides: list[str] = (), seed: int = 0,
+                   steps: int = 4) -> Path:
+    """A finished run as `samoe study run` leaves it, without training: make_run's random tiny
+    model plus a summary.json with the given val_loss and a metrics.jsonl evaluating every 2 steps."""
+    _, model = make_run(run_dir, list(overrides), seed)
+    n = sum(p.numel() for p in model.parameters())
+    tokens_per_step = 4 * 64
+    summary = {"params": {"total": n, "active": n}, "steps": steps, "tokens": steps * tokens_per_step,
+               "train_flops_per_token": 6 * n, "train_flops": 6 * n * steps * tokens_per_step,
+               "pf_days": 6 * n * steps * tokens_per_step / 8.64e19, "wall_s": 1.0, "steps_this_session": steps,
+               "val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_bpb": val_loss / math.log(2),
+               "unigram_ppl": 100.0, "val_tokens": 256}
+    (run_dir / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
+    rows = [{"step": s, "tokens": s * tokens_per_step, "tokens_per_s": 1000.0, "loss": val_loss + 1,
+             **({"val_loss": val_loss + (steps - s) * 0.1} if s % 2 == 0 else {})} for s in range(1, steps + 1)]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return run_dir

@@ -4,14 +4,19 @@ resumed when partial, and one report whose numbers are the runs' own."""
 import contextlib
 import io
 import json
+import math
 import random
 import statistics
 from pathlib import Path
 
 import pytest
 
+from helpers import assert_user_error, make_study_run, run_cli
 from samoe.cli import main
 from samoe.config import load_config
+from samoe.data.options import PrepareOptions
+from samoe.data.pipeline import prepare_dataset
+from samoe.data.shards import read_meta
 from samoe.errors import ConfigError
 from samoe.study import grid, report
 
@@ -154,3 +159,181 @@ def test_quick_study_is_a_small_fraction_of_one_default_run(tmp_path):
     assert {c.preset for c in cells} == {"tiny"}
     default = grid.Cell("x", 1, None, "default", [], tmp_path, load_config(preset="default"))
     assert sum(grid.describe(c)["train_flops"] for c in cells) < 0.25 * grid.describe(default)["train_flops"]
+
+
+# --------------------------------------------------------------------------- zero-shot scores of the best arms
+
+TASK = [{"context": "The cat sat on the", "choices": ["mat", "quick brown fox"], "label": 0},
+        {"context": "Dogs ran past", "choices": ["the birds", "a", "lazy foxes sang"], "label": 2},
+        {"context": "A lazy bird", "choices": ["sang", "sat on a mat"], "label": 1},
+        {"context": "Quick brown", "choices": ["foxes", "cats"], "label": 0}]
+
+
+def _task_file(path: Path) -> Path:
+    path.write_text("".join(json.dumps(item) + "\n" for item in TASK), encoding="utf-8")
+    return path
+
+
+def _fake_arms(root: Path, spec: dict[str, tuple[list[str], list[float]]]) -> Path:
+    """Finished runs root/ARM/seed{i} with the given overrides and one val loss per seed."""
+    for arm, (overrides, losses) in spec.items():
+        for seed, loss in enumerate(losses, 1):
+            make_study_run(root / arm / f"seed{seed}", loss, overrides, seed=seed)
+    return root
+
+
+def test_best_arms_are_the_three_lowest_losses_then_the_dense_ones_at_most_five():
+    def arm(name, loss):
+        return report.Arm(name, [report.Run(Path(name), {"val_loss": loss}, [], 1.0)])
+
+    arms = [arm("x/dense-big", 1.6), arm("x/a", 1.0), arm("x/dense", 1.5), arm("x/b", 0.9), arm("x/c", 1.1),
+            arm("x/d", 1.2), arm("x/dense-3", 1.7), arm("x/nan", math.nan)]
+    assert [a.name for a in report.best_arms(arms)] == ["x/b", "x/a", "x/c", "x/dense", "x/dense-big"]
+    assert [a.name for a in report.best_arms(arms[:2])] == ["x/a", "x/dense-big"]
+
+
+def test_report_scores_the_best_arms_zero_shot_every_seed_and_caches_the_scores(tmp_path, monkeypatch):
+    out = _fake_arms(tmp_path / "out", {
+        "moe": (["model.moe.sharing=private"], [0.9, 0.95]),
+        "samoe-k2": ([], [1.0, 1.05]),
+        "samoe-k1": (["model.moe.pool.size=1"], [1.1, 1.12]),
+        "worse": ([], [1.2]),
+        "dense": (["model.moe.enabled=false"], [1.5, 1.4]),
+    })
+    task = _task_file(tmp_path / "mini.jsonl")
+    code, _, err = run_cli("study", "report", out, "--task", task, "--limit", 3)
+    assert code == 0, err
+    rows = {r["arm"]: r for r in json.loads((out / "report.json").read_text())}
+    assert "zeroshot" not in rows["worse"] and not list((out / "worse").rglob("zeroshot-*"))
+    for arm in ("moe", "samoe-k2", "samoe-k1", "dense"):
+        runs = sorted((out / arm).glob("seed*"))
+        assert all((r / "zeroshot-mini-3.json").is_file() for r in runs)
+        # the numbers are `samoe eval RUN --task`'s, per seed
+        per_seed = []
+        for r in runs:
+            code, stdout, err = run_cli("eval", r, "--task", task, "--limit", 3, "--json", "--quiet")
+            assert code == 0, err
+            per_seed.append(json.loads(stdout)[str(task)])
+        z = rows[arm]["zeroshot"][str(task)]
+        assert z["seeds"] == len(runs) and z["n"] == 3 and z["chance"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 3)
+        for key in ("acc", "acc_norm"):
+            values = [s[key] for s in per_seed]
+            assert z[key] == pytest.approx(statistics.mean(values))
+            assert z[f"{key}_std"] == pytest.approx(statistics.stdev(values) if len(values) > 1 else 0.0)
+    text = (out / "report.md").read_text()
+    assert "## Zero-shot scores of the best arms" in text and f"| dense | {task} | 2 | 3 |" in text
+    assert "Pool size" not in text and not (out / "gap-diversity.png").exists()
+
+    # a second report reads every score from the runs' caches
+    calls = []
+    monkeypatch.setattr(report, "load_scorer", lambda run_dir: calls.append(run_dir))
+    again, _ = report.write_report(out, str(task), 3)
+    assert calls == [] and json.loads((out / "report.json").read_text()) == list(rows.values())
+    # a run trained further is scored again; without --task the report has no zero-shot table
+    summary = out / "dense" / "seed1" / "summary.json"
+    summary.write_text(json.dumps({**json.loads(summary.read_text()), "steps": 6}))
+    monkeypatch.undo()
+    monkeypatch.setenv("SAMOE_CACHE", str(tmp_path / "cache"))
+    report.write_report(out, [str(task)], 3)
+    assert json.loads((out / "dense" / "seed1" / "zeroshot-mini-3.json").read_text())["steps"] == 6
+    report.write_report(out)
+    assert "Zero-shot" not in (out / "report.md").read_text()
+    assert "zeroshot" not in json.loads((out / "report.json").read_text())[0]
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["--task", "nope"], "'nope'"),
+    (["--task", "missing.jsonl"], "missing.jsonl"),
+    (["--task", "mini.jsonl", "--limit", "0"], "--limit"),
+    (["--limit", "3"], "--task"),
+    (["--task", ","], "--task"),
+])
+def test_bad_zero_shot_options_are_one_line_exit_2_and_write_nothing(tmp_path, argv, named):
+    out = _fake_arms(tmp_path / "out", {"dense": (["model.moe.enabled=false"], [1.0])})
+    _task_file(tmp_path / "mini.jsonl")
+    assert_user_error(run_cli("study", "report", out, *argv), named)
+    assert not (out / "report.md").exists() and not list(out.rglob("zeroshot-*"))
+
+
+# --------------------------------------------------------------------------- pool size against diversity
+
+
+def _prepared(tmp_path: Path, name: str, vocab: list[str]) -> Path:
+    """A prepared corpus (byte tokenizer) of 40 random documents over `vocab`."""
+    rng = random.Random(name)
+    docs = [" ".join(rng.choice(vocab) for _ in range(rng.randint(40, 80))) + "." for _ in range(40)]
+    text = tmp_path / f"{name}.txt"
+    text.write_text("\n\n".join(docs) + "\n", encoding="utf-8")
+    out = tmp_path / "data" / name
+    prepare_dataset([str(text)], out, PrepareOptions(tokenizer="byte", progress=False))
+    return out
+
+
+def test_report_plots_samoe_gap_to_moe_against_each_corpus_diversity(tmp_path, monkeypatch):
+    repetitive = _prepared(tmp_path, "repetitive", WORDS[:5])
+    varied = _prepared(tmp_path, "varied", [f"{a}{b}" for a in WORDS for b in ("", "s", "ed", "ing", "ly")])
+    out = tmp_path / "out"
+    for corpus, data, losses in [("rep", repetitive, ([2.0, 2.2], [2.3, 2.5], [2.6])),
+                                 ("var", varied, ([3.0, 3.2], [3.0, 3.0], [3.3])),
+                                 ("gone", tmp_path / "data" / "gone", ([1.0], [1.1], [1.2]))]:
+        _fake_arms(out / corpus, {"moe": ([f"data.path={data}", "model.moe.sharing=private"], losses[0]),
+                                  "samoe-k2": ([f"data.path={data}"], losses[1]),
+                                  "samoe-k1": ([f"data.path={data}", "model.moe.pool.size=1"], losses[2])})
+    path, rows = report.write_report(out)
+    by_arm = {r["arm"]: r for r in rows}
+    assert by_arm["rep/samoe-k2"]["gap_to_moe"] == pytest.approx(2.4 - 2.1)
+    assert by_arm["var/samoe-k2"]["gap_to_moe"] == pytest.approx(3.0 - 3.1)
+    assert by_arm["var/samoe-k1"]["gap_to_moe"] == pytest.approx(3.3 - 3.1)
+    sd = statistics.stdev
+    assert by_arm["rep/samoe-k2"]["gap_to_moe_se"] == pytest.approx(math.sqrt(sd([2.3, 2.5]) ** 2 / 2
+                                                                              + sd([2.0, 2.2]) ** 2 / 2))
+    assert "gap_to_moe" not in by_arm["rep/moe"] and by_arm["gone/samoe-k2"]["gap_to_moe"] == pytest.approx(0.1)
+
+    # diversity: samoe.data.stats of each corpus's training split, cached per corpus
+    div = {c: json.loads((out / c / "diversity.json").read_text())["stats"] for c in ("rep", "var")}
+    assert div["rep"]["documents"] == read_meta(repetitive)["splits"]["train"]["docs"]
+    assert div["var"]["documents"] == read_meta(varied)["splits"]["train"]["docs"]
+    assert div["var"]["unigram_entropy"] > div["rep"]["unigram_entropy"] + 2
+    assert div["var"]["distinct_2"] > div["rep"]["distinct_2"]
+    assert div["var"]["compression_ratio"] < div["rep"]["compression_ratio"]
+    assert by_arm["rep/moe"]["diversity"] == div["rep"] and by_arm["rep/moe"]["corpus"] == "rep"
+    assert by_arm["gone/moe"]["diversity"] is None and not (out / "gone" / "diversity.json").exists()
+    assert (out / "gap-diversity.png").stat().st_size > 1000
+    text = path.read_text()
+    assert "## Pool size against data diversity" in text and "![gap-diversity](gap-diversity.png)" in text
+    assert "| rep | rep/samoe-k2 | 2 |" in text and "+0.3000" in text
+    assert "corpus gone: no diversity" in text and "does not exist" in text
+
+    monkeypatch.setattr(report, "corpus_stats", lambda docs: pytest.fail("diversity was recomputed"))
+    _, again = report.write_report(out)
+    assert {r["arm"]: r for r in again}["var/moe"]["diversity"] == div["var"]
+
+
+@pytest.mark.slow
+def test_a_trained_two_corpus_study_reports_gaps_diversity_and_zero_shot(tmp_path):
+    """End to end: `samoe study run` on two prepared corpora (relative data paths, as in
+    studies/poolsize.yaml), then `samoe study report --task` on what it trained."""
+    _prepared(tmp_path, "repetitive", WORDS[:5])
+    _prepared(tmp_path, "varied", [f"{a}{b}" for a in WORDS for b in ("", "s", "ed", "ing", "ly")])
+    study = tmp_path / "study.yaml"
+    study.write_text("preset: tiny\nsteps: 2\nseeds: [1]\n"
+                     "overrides: [train.batch_size=4, train.eval_every=2, train.ckpt_every=2, train.log_every=1, "
+                     "train.eval_tokens=256]\n"
+                     "corpora:\n  rep: [data.path=data/repetitive]\n  var: [data.path=data/varied]\n"
+                     "arms:\n  moe: [model.moe.sharing=private]\n  samoe-k2: []\n")
+    code, _, err = run_cli("study", "run", study, "--out", "out", "--jobs", "2")
+    assert code == 0, err
+    task = _task_file(tmp_path / "mini.jsonl")
+    code, _, err = run_cli("study", "report", "out", "--task", task, "--json")
+    assert code == 0, err
+    rows = {r["arm"]: r for r in json.loads((tmp_path / "out" / "report.json").read_text())}
+    for corpus in ("rep", "var"):
+        summaries = {a: json.loads((tmp_path / "out" / corpus / a / "seed1" / "summary.json").read_text())
+                     for a in ("moe", "samoe-k2")}
+        assert rows[f"{corpus}/samoe-k2"]["gap_to_moe"] == pytest.approx(
+            summaries["samoe-k2"]["val_loss"] - summaries["moe"]["val_loss"])
+        assert rows[f"{corpus}/moe"]["diversity"]["documents"] == read_meta(
+            tmp_path / "data" / ("repetitive" if corpus == "rep" else "varied"))["splits"]["train"]["docs"]
+    assert rows["var/moe"]["diversity"]["unigram_entropy"] > rows["rep/moe"]["diversity"]["unigram_entropy"]
+    assert sum("zeroshot" in r for r in rows.values()) == 3
+    assert (tmp_path / "out" / "gap-diversity.png").is_file()

@@ -285,7 +285,8 @@ def cmd_study_run(args) -> int:
 def cmd_study_report(args) -> int:
     from samoe.study import report
 
-    path, rows = report.write_report(args.study_dir)
+    path, rows = report.write_report(args.study_dir, args.task, args.limit,
+                                     log=lambda m: print(m, file=sys.stderr, flush=True))
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -419,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = study_sub.add_parser("report", help="DIR/report.md, report.json and PNGs: curves over seeds, the table of arms")
     p.add_argument("study_dir", help="a study directory (samoe study run --out)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p.add_argument("--task", metavar="NAMES", help="also score the best arms (3 lowest val losses, the dense arms; "
+                   "at most 5) zero-shot on these comma-separated tasks (as samoe eval --task), every seed")
+    p.add_argument("--limit", type=int, help="score only the first N items of each task")
     p.set_defaults(func=cmd_study_report)
 
     p = sub.add_parser("export", help="a run as a Hugging Face model directory (samoe-hf, mixtral, qwen2_moe)",
