@@ -337,3 +337,21 @@ def test_a_trained_two_corpus_study_reports_gaps_diversity_and_zero_shot(tmp_pat
     assert rows["var/moe"]["diversity"]["unigram_entropy"] > rows["rep/moe"]["diversity"]["unigram_entropy"]
     assert sum("zeroshot" in r for r in rows.values()) == 3
     assert (tmp_path / "out" / "gap-diversity.png").is_file()
+
+
+def test_speed_file_puts_the_per_second_view_on_measured_tokens_per_s(tmp_path):
+    """`samoe study speed` times every arm; the report's seconds are then tokens / that speed."""
+    study = _study(tmp_path)
+    out = tmp_path / "out"
+    code, stdout, err = _run("study", "speed", study, "--out", out, "--threads", "1", "--repeats", "2")
+    assert code == 0, err
+    speed = json.loads((out / "speed.json").read_text())
+    assert set(speed["tokens_per_s"]) == {"small/dense", "small/moe"} and speed["threads"] == 1
+    assert all(v > 0 for v in speed["tokens_per_s"].values())
+    assert _run("study", "run", study, "--out", out, "--jobs", "2")[0] == 0
+    path, rows = report.write_report(out)
+    by_arm = {r["arm"]: r for r in rows}
+    for arm, tps in speed["tokens_per_s"].items():
+        assert by_arm[arm]["tokens_per_s"] == pytest.approx(tps)
+        assert by_arm[arm]["train_s"] == pytest.approx(by_arm[arm]["tokens"] / tps)
+    assert "samoe study speed" in path.read_text()

@@ -282,6 +282,23 @@ def cmd_study_run(args) -> int:
     return 1 if failed else 0
 
 
+def cmd_study_speed(args) -> int:
+    from samoe.fileio import write_text_atomic
+    from samoe.study import grid as study
+
+    for flag in ("threads", "repeats"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)} is invalid; expected an integer >= 1")
+    speed = study.measure_speed(study.load_study(args.study, args.out), args.threads, args.repeats)
+    path = Path(args.out) / study.SPEED_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(speed, indent=1) + "\n")
+    for name, tps in speed["tokens_per_s"].items():
+        print(f"{name:<40} {tps:>10,.0f} tokens/s")
+    print(f"written: {path}")
+    return 0
+
+
 def cmd_study_report(args) -> int:
     from samoe.study import report
 
@@ -417,6 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
     p.set_defaults(func=cmd_study_run)
+    p = study_sub.add_parser("speed", help="OUT/speed.json: every arm's training tokens/s, timed round-robin on a "
+                             "quiet machine (study report then uses it for the per-second view)")
+    p.add_argument("study", help="a study YAML file")
+    p.add_argument("--out", required=True, help="the study directory")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
+    p.add_argument("--repeats", type=int, default=7, help="timed steps per arm (after 2 warm-ups)")
+    p.set_defaults(func=cmd_study_speed)
     p = study_sub.add_parser("report", help="DIR/report.md, report.json and PNGs: curves over seeds, the table of arms")
     p.add_argument("study_dir", help="a study directory (samoe study run --out)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")

@@ -169,6 +169,30 @@ def estimate_seconds(cells: list[Cell], threads: int, repeats: int = 3) -> dict[
         torch.set_num_threads(before)
 
 
+SPEED_FILE = "speed.json"
+
+
+def measure_speed(cells: list[Cell], threads: int, repeats: int = 7) -> dict:
+    """Training tokens/s of each arm (by its run-directory prefix, `[corpus/]arm`): the median
+    time of an optimiser step of its model on random tokens, the arms timed round-robin so they
+    share the machine's noise (after two warm-ups), with `threads` torch threads. Meant for a
+    quiet machine, so that a study's per-second comparison does not depend on what else ran
+    beside its runs (`samoe study report` uses OUT/speed.json when it exists)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        arms = {}
+        for c in cells:
+            arms.setdefault(c.name.rsplit("/", 1)[0], c)
+        steps = {name: train_step(c.cfg) for name, c in arms.items()}
+        seconds = interleaved_medians(steps, repeats)
+    finally:
+        torch.set_num_threads(before)
+    return {"threads": threads, "repeats": repeats, "measured": time.strftime("%Y-%m-%d %H:%M"),
+            "tokens_per_s": {name: c.cfg.train.batch_size * c.cfg.model.block_size / seconds[name]
+                             for name, c in arms.items()}}
+
+
 def train_command(cell: Cell) -> list[str]:
     """The `samoe train` command line that (re)starts a cell. A run directory that a killed
     run left before its first checkpoint is moved aside (to `seed{s}.incomplete-N`), as there
