@@ -5,8 +5,13 @@ import contextlib
 import io
 import json
 import math
+import os
 import random
+import signal
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -71,6 +76,8 @@ def test_the_grid_is_arms_by_corpora_by_seeds_in_file_order(tmp_path):
     ("arms: {a: [model.moe.enabled=false]}\nseeds: [x]\n", "seeds"),
     ("arms: {a: {overrides: [], seedz: [1]}}\n", "seedz"),
     ("arms: {a: []}\nstep: 3\n", "step"),
+    ("arms: {a: []}\nseeds: [0, 1]\n", "seeds"),
+    ("arms: {a: []}\npreset: nope\n", "arms.a: unknown preset 'nope'"),
 ])
 def test_a_bad_study_file_is_one_error_naming_the_key(tmp_path, text, named):
     path = tmp_path / "bad.yaml"
@@ -355,3 +362,40 @@ def test_speed_file_puts_the_per_second_view_on_measured_tokens_per_s(tmp_path):
         assert by_arm[arm]["tokens_per_s"] == pytest.approx(tps)
         assert by_arm[arm]["train_s"] == pytest.approx(by_arm[arm]["tokens"] / tps)
     assert "samoe study speed" in path.read_text()
+
+
+def test_a_missing_corpus_path_is_one_error_before_any_run(tmp_path):
+    study = tmp_path / "s.yaml"
+    study.write_text("preset: tiny\nsteps: 2\ncorpora:\n  gone: [data.path=nowhere/mix]\narms:\n  a: []\n")
+    code, _, err = _run("study", "run", study, "--out", tmp_path / "out")
+    assert code == 2 and len(err.splitlines()) == 1 and "nowhere/mix" in err and "gone/a/seed1337" in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_grid_killed_mid_way_resumes_and_reports_its_runs_own_numbers(tmp_path):
+    """SIGKILL the runner (and its run) once the first run has finished: the rerun skips the
+    finished run, resumes or restarts the interrupted one, and the report equals the summaries."""
+
+    study = _study(tmp_path, steps=8, arms="  dense: [model.moe.enabled=false]\n  moe: [model.moe.sharing=private]\n")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "samoe", "study", "run", str(study), "--out", str(out)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = out / "small" / "dense" / "seed1" / "summary.json"
+    deadline = time.time() + 120
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists()
+    cells = grid.load_study(study, out)
+    assert cells[0].state() == "done" and any(c.state() != "done" for c in cells)
+
+    code, _, err = _run("study", "run", study, "--out", out, "--jobs", "2")
+    assert code == 0, err
+    assert "1 of 4 runs done; 3 to run" in err
+    _, rows = report.write_report(out)
+    for row in rows:
+        losses = [json.loads((c.run_dir / "summary.json").read_text())["val_loss"]
+                  for c in cells if f"small/{c.arm}" == row["arm"]]
+        assert row["seeds"] == 2 and row["val_loss"] == pytest.approx(statistics.mean(losses))

@@ -277,6 +277,7 @@ def cmd_study_run(args) -> int:
         print(f"estimated time left: {study.format_seconds(left / args.jobs)} ({args.jobs} at a time, {threads} "
               f"thread(s) each; timed on random tokens, evaluation not counted)")
         return 0
+    study.check_data(cells)
     failed = study.run_cells(cells, Path(args.out), args.jobs, args.threads,
                              log=lambda m: print(m, file=sys.stderr, flush=True))
     return 1 if failed else 0

@@ -83,10 +83,18 @@ def _string_list(value, where: str) -> list[str]:
 
 
 def _int_list(value, where: str) -> list[int]:
-    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
+    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
                                                             for v in value):
-        raise ConfigError(f"{where} must be a non-empty list of integer seeds, got {value!r}")
+        raise ConfigError(f"{where} must be a non-empty list of integer seeds >= 1, got {value!r}")
     return value
+
+
+def check_data(cells: list[Cell]) -> None:
+    """Every data path the grid trains on exists: one error naming the first missing one (and
+    its run) before anything starts, rather than a failure per run later."""
+    for c in cells:
+        if c.cfg.data.path is not None and not Path(c.cfg.data.path).exists():
+            raise ConfigError(f"{c.name}: data path '{c.cfg.data.path}' does not exist")
 
 
 def load_study(path: str | Path, out: str | Path) -> list[Cell]:
