@@ -23,7 +23,7 @@ from samoe.data.options import PrepareOptions
 from samoe.data.pipeline import prepare_dataset
 from samoe.data.shards import read_meta
 from samoe.errors import ConfigError
-from samoe.study import grid, report
+from samoe.study import diversity, grid, report, runs_table, zeroshot
 
 WORDS = "the cat sat on a mat while dogs ran past quick brown foxes and lazy birds sang".split()
 
@@ -191,12 +191,12 @@ def _fake_arms(root: Path, spec: dict[str, tuple[list[str], list[float]]]) -> Pa
 
 def test_best_arms_are_the_three_lowest_losses_then_the_dense_ones_at_most_five():
     def arm(name, loss):
-        return report.Arm(name, [report.Run(Path(name), {"val_loss": loss}, [], 1.0)])
+        return runs_table.Arm(name, [runs_table.Run(Path(name), {"val_loss": loss}, [], 1.0)])
 
     arms = [arm("x/dense-big", 1.6), arm("x/a", 1.0), arm("x/dense", 1.5), arm("x/b", 0.9), arm("x/c", 1.1),
             arm("x/d", 1.2), arm("x/dense-3", 1.7), arm("x/nan", math.nan)]
-    assert [a.name for a in report.best_arms(arms)] == ["x/b", "x/a", "x/c", "x/dense", "x/dense-big"]
-    assert [a.name for a in report.best_arms(arms[:2])] == ["x/a", "x/dense-big"]
+    assert [a.name for a in zeroshot.best_arms(arms)] == ["x/b", "x/a", "x/c", "x/dense", "x/dense-big"]
+    assert [a.name for a in zeroshot.best_arms(arms[:2])] == ["x/a", "x/dense-big"]
 
 
 def test_report_scores_the_best_arms_zero_shot_every_seed_and_caches_the_scores(tmp_path, monkeypatch):
@@ -233,7 +233,7 @@ def test_report_scores_the_best_arms_zero_shot_every_seed_and_caches_the_scores(
 
     # a second report reads every score from the runs' caches
     calls = []
-    monkeypatch.setattr(report, "load_scorer", lambda run_dir: calls.append(run_dir))
+    monkeypatch.setattr(zeroshot, "load_scorer", lambda run_dir: calls.append(run_dir))
     again, _ = report.write_report(out, str(task), 3)
     assert calls == [] and json.loads((out / "report.json").read_text()) == list(rows.values())
     # a run trained further is scored again; without --task the report has no zero-shot table
@@ -311,7 +311,7 @@ def test_report_plots_samoe_gap_to_moe_against_each_corpus_diversity(tmp_path, m
     assert "| rep | rep/samoe-k2 | 2 |" in text and "+0.3000" in text
     assert "corpus gone: no diversity" in text and "does not exist" in text
 
-    monkeypatch.setattr(report, "corpus_stats", lambda docs: pytest.fail("diversity was recomputed"))
+    monkeypatch.setattr(diversity, "corpus_stats", lambda docs: pytest.fail("diversity was recomputed"))
     _, again = report.write_report(out)
     assert {r["arm"]: r for r in again}["var/moe"]["diversity"] == div["var"]
 
