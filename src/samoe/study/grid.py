@@ -160,21 +160,10 @@ def describe(cell: Cell) -> dict:
 
 
 def estimate_seconds(cells: list[Cell], threads: int, repeats: int = 3) -> dict[str, float]:
-    """Estimated training seconds of each cell (by name): the median time of `repeats` optimiser
-    steps of its model on random tokens (after one warm-up), with `threads` torch threads, times
-    its steps. Evaluation and data preparation are not counted. Cells differing only in the seed
-    are timed once."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        per_step: dict[tuple, float] = {}
-        for c in cells:
-            key = (c.preset, tuple(c.overrides))
-            if key not in per_step:
-                per_step[key] = interleaved_medians({"step": train_step(c.cfg)}, repeats, warmup=1)["step"]
-        return {c.name: per_step[(c.preset, tuple(c.overrides))] * c.cfg.train.max_steps for c in cells}
-    finally:
-        torch.set_num_threads(before)
+    """Estimated training seconds of each cell (by name): its steps' tokens at the tokens/s that
+    measure_speed times for its arm. Evaluation and data preparation are not counted."""
+    speed = measure_speed(cells, threads, repeats)["tokens_per_s"]
+    return {c.name: c.tokens / speed[c.name.rsplit("/", 1)[0]] for c in cells}
 
 
 SPEED_FILE = "speed.json"
