@@ -112,3 +112,19 @@ def test_bf16_autocast_runs_the_matmuls_in_bf16_and_returns_fp32_gradients():
     y.float().sum().backward()
     assert x.grad.dtype == torch.float32 and source.coef.grad.dtype == torch.float32
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves(source))
+
+
+@pytest.mark.parametrize("pool", [None, "layer", "expert"])
+def test_constant_zero_biases_get_no_gradient_and_the_rest_stays_exact(pool):
+    """`model.bias: false`: the biases are zero buffers that need no gradient; the fast path
+    skips their segment sums, and the other gradients (coefficients included) stay exact."""
+    torch.manual_seed(2)
+    source = make_source(pool, "gelu")
+    source.b1, source.b2 = (torch.zeros_like(b).detach() for b in (source.b1, source.b2))
+    x = torch.randn(7, D, dtype=torch.float64, requires_grad=True)
+    counts = [3, 0, 2, 2]
+    wanted = [x, source.w1, source.w2] + ([source.coef] if pool else [])
+    grads = torch.autograd.grad(grouped_expert_ffn(x, counts, source, "gelu").sum(), wanted)
+    grads_ref = torch.autograd.grad(reference(x, counts, source, "gelu").sum(), wanted, allow_unused=True)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, torch.zeros_like(g) if g_ref is None else g_ref)

@@ -17,6 +17,7 @@ from samoe.config import field_paths, load_config, micro_batch, preset_names
 from samoe.data.cli import add_data_parser
 from samoe.errors import UserError
 from samoe.eval.tasks import BUILTIN
+from samoe.malloc import keep_freed_memory
 
 EXIT_USER_ERROR = 2
 
@@ -478,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
         args.resume_dir, args.resume = args.resume, True
     else:
         args.resume_dir = None
+    keep_freed_memory()  # every verb trains, evaluates or benchmarks: steady state is the peak
     try:
         return args.func(args)
     except UserError as e:

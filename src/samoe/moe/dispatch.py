@@ -51,7 +51,9 @@ def dispatch(x: Tensor, routing: Routing, source: ExpertSource | tuple[Tensor, .
     order = torch.argsort(expert, stable=True)
     token, gate = token[order], gate[order]
     counts = torch.bincount(expert, minlength=source.w1.shape[-3]).tolist()
-    return gated_sum(x, token, gate, grouped_expert_ffn(x[token], counts, source, activation))
+    # index_select, not x[token]: its backward is an index_add, where advanced indexing's is an
+    # accumulating index_put (several times slower on CPU).
+    return gated_sum(x, token, gate, grouped_expert_ffn(x.index_select(0, token), counts, source, activation))
 
 
 class LocalDispatcher(Dispatcher):

@@ -43,8 +43,10 @@ class Routing:
     def kept_slots(self) -> tuple[Tensor, Tensor, Tensor]:
         """(token, expert, gate) of every kept slot, each [N], in token-major order."""
         T, k = self.expert.shape
-        token = torch.arange(T, device=self.expert.device).unsqueeze(1).expand(T, k)[self.keep]
-        return token, self.expert[self.keep], self.gate[self.keep]
+        token = torch.arange(T, device=self.expert.device).unsqueeze(1).expand(T, k)
+        if bool(self.keep.all()):  # dropless: plain views, and the gate's backward is no scatter
+            return token.reshape(-1), self.expert.reshape(-1), self.gate.reshape(-1)
+        return token[self.keep], self.expert[self.keep], self.gate[self.keep]
 
     def stats(self) -> dict[str, Tensor]:
         """Detached routing statistics: dropped-token fraction and mean router entropy."""

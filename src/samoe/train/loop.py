@@ -169,7 +169,7 @@ def new_trainer(cfg: Config, model: GPT, train_data: TokenStream, layout: Layout
     wrapper under data parallelism, the optimiser, the data sampler seeded with train.seed."""
     layout = layout or Layout()
     device = layout.device
-    optimizer = build_optimizer(model, cfg.train, fused=device.type == "cuda",
+    optimizer = build_optimizer(model, cfg.train, fused=device.type in ("cpu", "cuda"),
                                 coef_lr_scale=cfg.model.moe.pool.lr_scale)
     return Trainer(cfg, model, optimizer, train_data, torch.Generator().manual_seed(cfg.train.seed), layout, device,
                    wrap_ddp(model, layout, device), autocast_for(cfg, device))

@@ -1,0 +1,33 @@
+"""Keep freed memory inside the process instead of handing it back to the system (glibc).
+
+A training step allocates and frees the same large buffers every step: expert weight
+gradients, activations, the grouped FFN's [N, h] buffers. glibc serves every request above its
+mmap threshold (128 KiB at start, raised adaptively to at most 32 MiB) with a fresh mmap and
+unmaps it on free, so each step pays the kernel's page faults and page zeroing again: at
+T = 2048 tokens and 64 experts (d = 256, f = 1024) that was a quarter of an MoE layer's
+forward + backward (docs/benchmarks.md). With mmap off and trimming off, freed blocks stay in
+the heap and the next step reuses them. The price: the process's RSS stays at its peak rather
+than following the live tensors, which for a training or benchmark process (steady state is the
+peak) costs nothing.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
+M_MMAP_MAX = -4
+
+
+def keep_freed_memory() -> bool:
+    """Switch glibc malloc to keeping freed memory for reuse; False where that is not glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = libc.mallopt if libc is not None else None
+    except (OSError, AttributeError):  # musl, macOS, Windows: no mallopt, nothing to do
+        return False
+    if mallopt is None:
+        return False
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
