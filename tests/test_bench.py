@@ -12,8 +12,9 @@ import sys
 import time
 
 import pytest
+import torch
 
-from samoe.bench import peers, suite, timing
+from samoe.bench import layers, peers, suite, timing
 from samoe.bench.layers import Shape, layer_ratios
 from samoe.bench.timing import interleaved_medians, peak_rss_mib, run_isolated
 
@@ -57,6 +58,37 @@ def test_layer_ratios_have_stable_names():
     assert {"moe_vs_dense_e4", "moe_vs_dense_e8", "samoe_vs_moe"} <= set(r)
     assert r["moe_vs_dense_e4"] == r["time_moe_e4"] / r["time_dense"]
     assert all(math.isfinite(v) and v > 0 for k, v in r.items() if k.startswith(("time_", "moe_vs", "samoe_vs")))
+
+
+def test_traffic_bound_is_the_dense_time_plus_the_extra_weights_streamed_three_times():
+    # 1e6 extra fp32 weights, 3 passes: 12 MB at 12 GB/s is 1 ms on top of a 4 ms dense layer
+    assert layers.weight_traffic_bound(0.004, 1_250_000, 250_000, 12e9) == pytest.approx(1.25)
+    assert layers.weight_traffic_bound(0.004, 100, 250_000, 12e9) == 1.0  # fewer weights than dense: no bound
+
+
+def test_gemm_floor_runs_the_six_gemms_of_each_expert(monkeypatch):
+    calls = []
+    real_mm = torch.mm
+
+    def counting_mm(a, b, out):
+        calls.append((tuple(a.shape), tuple(b.shape)))
+        return real_mm(a, b, out=out)
+    run = layers.gemm_floor(tokens=32, d=4, width=6, experts=4, top_k=2)  # 16 rows per expert
+    monkeypatch.setattr(torch, "mm", counting_mm)
+    run()
+    assert len(calls) == 6 * 4
+    assert calls[:6] == [((16, 4), (4, 6)), ((16, 6), (6, 4)), ((16, 4), (4, 6)), ((6, 16), (16, 4)),
+                         ((16, 6), (6, 4)), ((4, 16), (16, 6))]
+
+
+def test_training_shapes_report_every_layout_with_its_floor_and_bounds():
+    rows = layers.training_shapes(Shape(tokens=64, d_model=8, hidden=16), (64,), bytes_per_s=1e10, repeats=1)
+    assert [(r["experts"], r["top_k"], r["expert_hidden"]) for r in rows] == [
+        (E, k, 16 // k) for E, k in layers.TRAINING_LAYOUTS]
+    for r in rows:
+        assert all(math.isfinite(r[key]) and r[key] > 0 for key in (
+            "moe_vs_dense", "samoe_vs_moe", "gemm_floor", "traffic_bound", "samoe_traffic_bound", "dense_ms"))
+        assert r["traffic_bound"] >= 1.0 and r["samoe_traffic_bound"] > 1.0
 
 
 def test_peer_comparison_records_a_skipped_peer_and_divides_the_peer_time_by_ours(monkeypatch):
@@ -132,12 +164,19 @@ def test_markdown_and_json_report(tmp_path, monkeypatch):
             "samoe_vs_moe_peak_mem_b1": 0.5, "samoe_step_peak_mib_b1": 50.0, "moe_step_peak_mib_b1": 100.0,
             "peer_hf_switch_vs_ours": 1.5, "skipped": {"deepspeed": "not installed (deepspeed)"},
             "tiny_samoe_tokens_per_s": 1.0, "tiny_moe_tokens_per_s": 2.0, "tiny_dense_tokens_per_s": 3.0,
-            "scaling": [{"tokens": 64, "experts": 4, "moe_vs_dense": 1.3, "samoe_vs_moe": 1.1, "dense_ms": 1.0}]}
+            "scaling": [{"tokens": 64, "experts": 4, "moe_vs_dense": 1.3, "samoe_vs_moe": 1.1, "dense_ms": 1.0}],
+            "bandwidth_gb_per_s": 20.0,
+            "training_shapes": [{"tokens": 64, "experts": 4, "top_k": 2, "expert_hidden": 8, "dense_ms": 1.0,
+                                 "moe_vs_dense": 1.3, "samoe_vs_moe": 1.2, "gemm_floor": 1.25, "traffic_bound": 1.1,
+                                 "samoe_traffic_bound": 1.15}]}
     monkeypatch.setattr(suite, "run_suite", lambda quick, repeats: fake)
     doc, js = tmp_path / "b.md", tmp_path / "b.json"
     suite.main(True, 1, str(js), str(doc), "samoe bench --quick")
     text = doc.read_text()
-    assert "`samoe bench --quick`" in text and "| (a) MoE top-1 (dropless) vs dense FFN, E = 16 | 1.20x |" in text
+    assert "`samoe bench --quick`" in text
+    assert "| (a) MoE top-1 (dropless) layer time / dense FFN, E = 16 | 1.20x | ≤ 1.15x |" in text
+    assert "| 64 | 4 | 2 | 8 | 1.0 | 1.30x | 1.25x | 1.10x | 1.20x | 1.15x |" in text and "20.0 GB/s" in text
     assert "hf_switch time / ours | 1.50x" in text and "deepspeed | skipped: not installed" in text
     assert json.loads(js.read_text()) == {"moe_vs_dense_e16": 1.2, "moe_vs_dense_e64": 1.4, "samoe_vs_moe": 1.1,
-                                          "samoe_vs_moe_peak_mem": 0.5, "peer_hf_switch_vs_ours": 1.5}
+                                          "samoe_vs_moe_peak_mem": 0.5, "samoe_vs_moe_peak_mem_b1": 0.5,
+                                          "peer_hf_switch_vs_ours": 1.5, "training_shapes": fake["training_shapes"]}

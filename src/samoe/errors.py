@@ -1,5 +1,7 @@
 """User-facing errors: the CLI prints each as one line and exits with status 2."""
 
+EXIT_USER_ERROR = 2  # a UserError's exit status (one line on stderr)
+
 
 class UserError(Exception):
     """A mistake in what the user gave us (config, data, paths); never a bug in samoe."""

@@ -30,13 +30,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samoe.analysis.gradflow import _pyplot, _save_png, routing_counts
+from samoe.analysis.gradflow import routing_counts
 from samoe.config import micro_batch
 from samoe.data.prepare import load_splits
 from samoe.errors import UserError
 from samoe.fileio import write_text_atomic
 from samoe.moe.dispatch import record_moe
 from samoe.moe.experts import PoolMixture
+from samoe.plots import pyplot, save_png
 from samoe.runs import load_run_config, load_trained
 from samoe.train.checkpoint import latest_checkpoint
 
@@ -115,7 +116,7 @@ def _grid(n: int) -> tuple[int, int]:
 
 
 def plot_report(report: dict, out: Path, title: str = "") -> list[Path]:
-    plt = _pyplot()
+    plt = pyplot()
     layers = report["layers"]
     rows, cols = _grid(len(layers))
     paths = []
@@ -135,7 +136,7 @@ def plot_report(report: dict, out: Path, title: str = "") -> list[Path]:
         ax.axis("off")
     fig.suptitle(f"{title}expert load on {report['tokens']:,} validation tokens", fontsize=9)
     paths.append(out / "experts-load.png")
-    _save_png(fig, paths[-1])
+    save_png(fig, paths[-1])
     plt.close(fig)
 
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 3.0 * rows), dpi=80, squeeze=False,
@@ -160,7 +161,7 @@ def plot_report(report: dict, out: Path, title: str = "") -> list[Path]:
     fig.colorbar(im, ax=list(axes.flat), shrink=0.8, label="cosine similarity")
     fig.suptitle(f"{title}cosine similarity of effective expert weights (diagonal masked)", fontsize=9)
     paths.append(out / "experts-similarity.png")
-    _save_png(fig, paths[-1])
+    save_png(fig, paths[-1])
     plt.close(fig)
 
     coefs = [l.get("coefficients") for l in layers]
@@ -192,7 +193,7 @@ def plot_report(report: dict, out: Path, title: str = "") -> list[Path]:
         fig.colorbar(im, ax=axes_list, label="c = softmax(a / τ)")
         fig.suptitle(f"{title}SaMoE coefficients", fontsize=9)
         paths.append(out / "experts-coefficients.png")
-        _save_png(fig, paths[-1])
+        save_png(fig, paths[-1])
         plt.close(fig)
     return paths
 

@@ -82,6 +82,7 @@ from samoe.eval.perplexity import evaluate
 from samoe.fileio import write_text_atomic
 from samoe.model.gpt import GPT
 from samoe.moe.dispatch import MoERecord, record_moe
+from samoe.plots import pyplot, save_png
 from samoe.runs import load_run_config
 from samoe.train.checkpoint import latest_checkpoint, load_checkpoint
 from samoe.train.loop import StepHook, Trainer, new_trainer, restore_state, train_step
@@ -549,22 +550,6 @@ def _table_values(summary: dict) -> list[str]:
 # --------------------------------------------------------------------------- plots
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_png(fig, path: Path) -> None:
-    """Write a figure atomically (temp name + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=fig.dpi)
-    tmp.replace(path)
-
-
 def _draw_stat(ax, grid: dict, stat: str) -> None:
     title, ylabel, logy = STATS[stat]
     colors = dict(zip(grid["routers"], ["C0", "C1", "C2", "C3", "C4", "C5"]))
@@ -596,7 +581,7 @@ def _draw_stat(ax, grid: dict, stat: str) -> None:
 
 def plot_grid(grid: dict, out: str | Path) -> list[Path]:
     """One PNG per statistic (gradflow-STAT.png) and all of them in gradflow.png."""
-    plt = _pyplot()
+    plt = pyplot()
     out = Path(out)
     paths = []
     for stat in STATS:
@@ -605,7 +590,7 @@ def plot_grid(grid: dict, out: str | Path) -> list[Path]:
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         paths.append(out / f"gradflow-{stat}.png")
-        _save_png(fig, paths[-1])
+        save_png(fig, paths[-1])
         plt.close(fig)
     fig, axes = plt.subplots(3, 3, figsize=(14, 10.5), dpi=64)
     for ax, stat in zip(axes.flat, STATS):
@@ -614,7 +599,7 @@ def plot_grid(grid: dict, out: str | Path) -> list[Path]:
     fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     paths.append(out / "gradflow.png")
-    _save_png(fig, paths[-1])
+    save_png(fig, paths[-1])
     plt.close(fig)
     return paths
 

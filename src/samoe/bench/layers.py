@@ -8,6 +8,7 @@ dense layer's matmul work plus routing and dispatch: the ratio measures our over
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -26,9 +27,10 @@ class Shape:
 
 
 def moe_model(shape: Shape, num_experts: int, sharing: str = "private", pool_size: int = 2,
-              router: str = "switch", top_k: int = 1, n_layers: int = 1) -> GPT:
-    """A GPT whose every block is MoE; benchmarks call its MoE FFN layers directly."""
-    cfg = load_config(overrides=[
+              router: str = "switch", top_k: int = 1, n_layers: int = 1, expert_hidden: int | None = None) -> GPT:
+    """A GPT whose every block is MoE (experts of width expert_hidden, default the dense
+    width); benchmarks call its MoE FFN layers directly."""
+    cfg = load_config(overrides=[f"model.moe.ffn_hidden={expert_hidden or shape.hidden}",
         f"model.d_model={shape.d_model}", "model.n_heads=1", f"model.n_layers={n_layers}", "model.moe.every=1",
         f"model.ffn_hidden={shape.hidden}", f"model.activation={shape.activation}",
         f"model.moe.num_experts={num_experts}", f"model.moe.sharing={sharing}", f"model.moe.pool.size={pool_size}",
@@ -79,4 +81,79 @@ def scaling_table(d_model: int, hidden: int, tokens: tuple[int, ...], experts: t
             r = layer_ratios(Shape(T, d_model, hidden), (E,), repeats=repeats)
             rows.append({"tokens": T, "experts": E, "moe_vs_dense": r[f"moe_vs_dense_e{E}"],
                          "samoe_vs_moe": r["samoe_vs_moe"], "dense_ms": 1000 * r["time_dense"]})
+    return rows
+
+
+# ----------------------------------------------------------------------------- (h) training shapes
+
+# (experts E, top-k): experts of width f / k, so that every layout costs the dense FFN's FLOPs
+# per token; k = 1 is the classic layer, k = 2 and 4 the fine-grained ones of the recipe.
+TRAINING_LAYOUTS = ((8, 1), (16, 1), (64, 1), (16, 2), (32, 4))
+
+
+def gemm_floor(tokens: int, d: int, width: int, experts: int, top_k: int) -> Callable[[], None]:
+    """The six GEMMs of an FFN's forward + backward alone (x·W1, a·W2; ∂a, ∂W2, ∂x, ∂W1), run
+    expert by expert on equal shares of the T·k routed rows into preallocated outputs: no
+    routing, no dispatch, no activation. Timed beside the dense FFN's six, it is the floor
+    the layer's shapes set on this machine, whatever the dispatch does."""
+    n = tokens * top_k // experts
+    x, gy = torch.randn(experts, n, d), torch.randn(experts, n, d)
+    w1, w2 = torch.randn(experts, d, width), torch.randn(experts, width, d)
+    h, ga = torch.empty(experts, n, width), torch.empty(experts, n, width)
+    y, gx = torch.empty_like(x), torch.empty_like(x)
+    g1, g2 = torch.empty_like(w1), torch.empty_like(w2)
+
+    def run():
+        for e in range(experts):
+            torch.mm(x[e], w1[e], out=h[e])
+            torch.mm(h[e], w2[e], out=y[e])
+            torch.mm(gy[e], w2[e].t(), out=ga[e])
+            torch.mm(h[e].t(), gy[e], out=g2[e])
+            torch.mm(ga[e], w1[e].t(), out=gx[e])
+            torch.mm(x[e].t(), ga[e], out=g1[e])
+    return run
+
+
+def weight_traffic_bound(dense_s: float, expert_params: int, dense_params: int, bytes_per_s: float,
+                         passes: float = 3.0) -> float:
+    """The time ratio to dense that memory traffic alone forces on a layer whose FLOPs equal the
+    dense FFN's: each weight is read in forward, read in backward and its gradient written
+    (`passes` = 3 passes over the weights), and the expert weights beyond the dense FFN's
+    have to come from memory: (t_dense + passes · 4 B · (P_experts - P_dense) / bandwidth) / t_dense."""
+    return (dense_s + passes * 4 * max(0, expert_params - dense_params) / bytes_per_s) / dense_s
+
+
+# SaMoE's extra passes over a layer's expert-sized weights, K = 2 (moe/grouped.py): combining
+# reads K and writes 1, in forward and again in backward (2 · 3); the pool's gradient reads the
+# stack's gradient and writes K (3); the coefficients' gradient reads K + 1 (3). 12 in all.
+SAMOE_EXTRA_PASSES = 12.0
+
+
+def training_shapes(shape: Shape, tokens: tuple[int, ...], bytes_per_s: float, repeats: int = 3) -> list[dict]:
+    """(h) Each TRAINING_LAYOUT at each T: MoE / dense and SaMoE (K = 2) / MoE for the layer,
+    beside the floor its GEMM shapes set and the bound memory traffic sets."""
+    rows = []
+    d, f = shape.d_model, shape.hidden
+    for T in tokens:
+        torch.manual_seed(0)
+        x = torch.randn(1, T, d, requires_grad=True)
+        ids = torch.zeros(1, T, dtype=torch.long)
+        for E, k in TRAINING_LAYOUTS:
+            width = f // k
+            router = "switch" if k == 1 else "topk"
+            moe, samoe = (moe_model(Shape(T, d, f), E, sharing, router=router, top_k=k, expert_hidden=width)
+                          for sharing in ("private", "pool"))
+            t = interleaved_medians({
+                "dense": fwd_bwd(FeedForward(d, f, shape.activation, 1), x, None),
+                "moe": fwd_bwd(moe.moe_layers()[0], x, ids, moe),
+                "samoe": fwd_bwd(samoe.moe_layers()[0], x, ids, samoe),
+                "gemm_dense": gemm_floor(T, d, f, 1, 1),
+                "gemm_moe": gemm_floor(T, d, width, E, k)}, repeats)
+            expert_params, dense_params = 2 * E * d * width, 2 * d * f
+            rows.append({
+                "tokens": T, "experts": E, "top_k": k, "expert_hidden": width, "dense_ms": 1000 * t["dense"],
+                "moe_vs_dense": t["moe"] / t["dense"], "samoe_vs_moe": t["samoe"] / t["moe"],
+                "gemm_floor": t["gemm_moe"] / t["gemm_dense"],
+                "traffic_bound": weight_traffic_bound(t["dense"], expert_params, dense_params, bytes_per_s),
+                "samoe_traffic_bound": (t["moe"] + SAMOE_EXTRA_PASSES * 4 * expert_params / bytes_per_s) / t["moe"]})
     return rows

@@ -16,6 +16,8 @@ import sys
 import time
 from typing import Callable
 
+import torch
+
 
 def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int = 5, warmup: int = 2) -> dict[str, float]:
     """Median seconds per call of each case, cases run round-robin so they share the noise."""
@@ -27,6 +29,15 @@ def interleaved_medians(cases: dict[str, Callable[[], object]], repeats: int = 5
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def memory_bandwidth(mib: int = 256, repeats: int = 5) -> float:
+    """Bytes per second of a large tensor copy (read + write counted), median of the repeats:
+    the rate at which weights that do not fit in cache can be streamed."""
+    src = torch.ones(mib * 2**20 // 4)
+    dst = torch.empty_like(src)
+    t = interleaved_medians({"copy": lambda: dst.copy_(src)}, repeats)["copy"]
+    return 2 * src.numel() * 4 / t
 
 
 def peak_rss_mib() -> float:

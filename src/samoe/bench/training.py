@@ -35,7 +35,10 @@ def training_throughput(preset: str, repeats: int = 5) -> dict[str, float]:
     cfgs = {name: load_config(preset=preset, overrides=o) for name, o in VARIANTS.items()}
     t = interleaved_medians({name: train_step(cfg) for name, cfg in cfgs.items()}, repeats)
     tokens = cfgs["moe"].train.batch_size * cfgs["moe"].model.block_size
-    return {f"{preset}_{name}_tokens_per_s": tokens / s for name, s in t.items()}
+    out = {f"{preset}_{name}_tokens_per_s": tokens / s for name, s in t.items()}
+    for name in ("moe", "samoe"):
+        out[f"{preset}_{name}_vs_dense_tokens_per_s"] = t["dense"] / t[name]
+    return out
 
 
 MEMORY_SHAPE = ["model.n_layers=12", "model.moe.every=2", "model.moe.num_experts=16", "model.moe.pool.size=2",

@@ -1,6 +1,4 @@
-"""The `samoe data` verb: `prepare` (sources -> prepared dataset) and `stats` (diversity metrics).
-
-Handlers import their modules when run, so building the parser stays cheap."""
+"""The `samoe data` verbs: `prepare` (sources -> prepared dataset) and `stats` (diversity metrics)."""
 
 from __future__ import annotations
 
@@ -9,7 +7,12 @@ import json
 from pathlib import Path
 
 from samoe.data.options import SAMPLE_WORDS, PrepareOptions
+from samoe.data.pipeline import format_report, prepare_dataset
+from samoe.data.shards import is_prepared, load_prepared
+from samoe.data.sources import clean_document, mix, parse_source, read_source
+from samoe.data.stats import corpus_stats, format_stats
 from samoe.errors import ConfigError
+from samoe.verbs import Verb
 
 SOURCES_HELP = ("a text file, a .jsonl file, a directory of them, builtin:stdlib, builtin:stdlib-docs, or debian:NAME "
                 "(bible-kjv-text, python3-doc, dict-gcide); append @WEIGHT for a weighted mixture")
@@ -23,8 +26,6 @@ def _source_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args) -> int:
-    from samoe.data.pipeline import format_report, prepare_dataset
-
     opts = PrepareOptions(
         text_field=args.text_field, skip_bad_lines=args.skip_bad_lines, min_chars=args.min_chars,
         near_dedup=not args.no_near_dedup, threshold=args.threshold, shingle=args.shingle,
@@ -40,9 +41,6 @@ def cmd_prepare(args) -> int:
 def _target_documents(target: str, args) -> list[str]:
     """Documents of one stats target: a prepared directory (its shards decoded), or sources
     joined by '+' (a mixture, weights as in prepare), cleaned as prepare cleans them."""
-    from samoe.data.shards import is_prepared, load_prepared
-    from samoe.data.sources import clean_document, mix, parse_source, read_source
-
     if is_prepared(target):
         tok, train, val = load_prepared(target)
         docs = []
@@ -64,8 +62,6 @@ def _label(target: str, i: int) -> str:
 
 
 def cmd_stats(args) -> int:
-    from samoe.data.stats import corpus_stats, format_stats
-
     if args.sample_words < 1:
         raise ConfigError(f"--sample-words must be at least 1, got {args.sample_words}")
     results = {t: corpus_stats(_target_documents(t, args), args.sample_words, not args.quiet) for t in args.targets}
@@ -80,15 +76,10 @@ def cmd_stats(args) -> int:
     return 0
 
 
-def add_data_parser(subparsers) -> None:
-    """Register `samoe data prepare` and `samoe data stats` on the top-level subparsers."""
-    data = subparsers.add_parser("data", help="prepare datasets (dedup, split, token shards) and measure diversity")
-    sub = data.add_subparsers(dest="data_command", required=True)
-
-    p = sub.add_parser("prepare", help="sources -> cleaned, deduplicated, split, tokenised shards in --out",
-                       description="Read, clean, exact- and near-deduplicate, mix, split by document, "
-                                   "tokenise and write memmap token shards + tokenizer.json + meta.json + "
-                                   "report.json/report.txt into --out (train on it with samoe train --data DIR).")
+def prepare_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("Read, clean, exact- and near-deduplicate, mix, split by document, tokenise and write memmap "
+                     "token shards + tokenizer.json + meta.json + report.json/report.txt into --out (train on it "
+                     "with samoe train --data DIR).")
     p.add_argument("sources", nargs="+", metavar="SOURCE", help=SOURCES_HELP)
     p.add_argument("--out", required=True, help="output directory (must be new or empty, see --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a previously prepared dataset in --out")
@@ -103,14 +94,19 @@ def add_data_parser(subparsers) -> None:
     p.add_argument("--min-chars", type=int, default=PrepareOptions.min_chars,
                    help="drop cleaned documents shorter than this")
     _source_args(p)
-    p.set_defaults(func=cmd_prepare)
 
-    p = sub.add_parser("stats", help="diversity metrics: entropy, distinct-n, MATTR, compression, duplicates",
-                       description="One column per TARGET: a prepared dataset directory, or SOURCE[+SOURCE...] "
-                                   "(a weighted mixture with SOURCE@WEIGHT). Sources: " + SOURCES_HELP)
+
+def stats_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("One column per TARGET: a prepared dataset directory, or SOURCE[+SOURCE...] (a weighted "
+                     "mixture with SOURCE@WEIGHT). Sources: " + SOURCES_HELP)
     p.add_argument("targets", nargs="+", metavar="TARGET")
     p.add_argument("--sample-words", type=int, default=SAMPLE_WORDS,
                    help="words in the fixed-size sample for entropy, distinct-n, MATTR and compression")
     p.add_argument("--json", action="store_true", help="a JSON object (keyed by target when there are several)")
     _source_args(p)
-    p.set_defaults(func=cmd_stats)
+
+
+DATA_VERBS = (
+    Verb("prepare", "sources -> cleaned, deduplicated, split, tokenised shards in --out", prepare_args, cmd_prepare),
+    Verb("stats", "diversity metrics: entropy, distinct-n, MATTR, compression, duplicates", stats_args, cmd_stats),
+)

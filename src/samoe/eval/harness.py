@@ -15,6 +15,7 @@ lm-eval's command line with that name known: `python -m samoe.eval.harness --mod
 from __future__ import annotations
 
 import torch
+from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
@@ -77,6 +78,4 @@ class SamoeLM(LM):
 
 
 if __name__ == "__main__":  # lm-eval's own command line, with the model name "samoe" registered
-    from lm_eval.__main__ import cli_evaluate
-
     cli_evaluate()

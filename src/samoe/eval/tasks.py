@@ -151,7 +151,7 @@ def _olmes_docs(path: Path) -> Iterator[dict]:
 
 def _arrow_rows(path: Path, name: str) -> list[dict]:
     try:
-        import pyarrow.ipc
+        import pyarrow.ipc  # optional (the eval extra): only Arrow task files need it
     except ImportError:
         raise TaskDataError(f"task '{name}' is read from an Arrow file and needs pyarrow: "
                             "pip install pyarrow (or samoe's eval extra)") from None

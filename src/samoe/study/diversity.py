@@ -21,6 +21,7 @@ from samoe.data.shards import is_prepared, load_prepared, read_meta
 from samoe.data.stats import corpus_stats
 from samoe.errors import DataError
 from samoe.fileio import write_text_atomic
+from samoe.plots import pyplot
 from samoe.runs import CONFIG_FILE
 from samoe.study.runs_table import Arm, Run, base_name
 
@@ -145,11 +146,7 @@ def format_poolsize(gaps: list[dict], corpora: dict[str, dict], notes: list[str]
 def plot_gap_diversity(gaps: list[dict], corpora: dict[str, dict], out_dir: Path) -> Path | None:
     """gap-diversity.png: each SaMoE arm's gap to moe against each diversity measure of its
     corpus (one subplot per measure); None when no corpus has a diversity."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     points = [g for g in gaps if corpora[g["corpus"]]["diversity"] is not None]
     if not points:
         return None

@@ -29,6 +29,7 @@ from typing import Callable
 
 from samoe.errors import UserError
 from samoe.fileio import write_text_atomic
+from samoe.plots import pyplot
 from samoe.runs import SUMMARY_FILE, read_json, read_metrics
 from samoe.study.diversity import corpus_of, format_poolsize, plot_gap_diversity, poolsize_rows
 from samoe.study.grid import SPEED_FILE
@@ -135,11 +136,7 @@ def format_table(rows: list[dict]) -> str:
 
 def plot(arms: list[Arm], out_dir: Path, prefix: str = "") -> list[Path]:
     """loss-tokens.png, loss-seconds.png and loss-params.png in out_dir; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     paths = []
     axes = (("tokens", 0, "training tokens"), ("seconds", 1, "training seconds (measured tokens/s)"))
     for x_name, index, label in axes:

@@ -15,11 +15,10 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from samoe.config import Config
-from samoe.errors import UserError
+from samoe.errors import EXIT_USER_ERROR, UserError
 from samoe.runs import load_run_config
 from samoe.train.distributed import check_layout
 
-EXIT_USER_ERROR = 2  # a UserError's exit status (one line on stderr)
 # A resumed run continues with its saved config; only these keys may be changed on resume: the
 # step count (to train further), and where it runs (which does not change what it computes:
 # checkpoints move between devices and process layouts).
