@@ -125,8 +125,9 @@ def weight_traffic_bound(dense_s: float, expert_params: int, dense_params: int, 
 
 # SaMoE's extra passes over a layer's expert-sized weights, K = 2 (moe/grouped.py): combining
 # reads K and writes 1, in forward and again in backward (2 · 3); the pool's gradient reads the
-# stack's gradient and writes K (3); the coefficients' gradient reads K + 1 (3). 12 in all.
-SAMOE_EXTRA_PASSES = 12.0
+# stack's gradient and writes a slice, for each k (2K = 4); the coefficients' gradient reads the
+# K pool slices and the stack's gradient (3). 13 in all.
+SAMOE_EXTRA_PASSES = 13.0
 
 
 def training_shapes(shape: Shape, tokens: tuple[int, ...], bytes_per_s: float, repeats: int = 3) -> list[dict]:

@@ -102,7 +102,7 @@ def markdown(r: dict, command: str) -> str:
               "layer's six GEMMs alone on equal shares of the rows, over the dense FFN's six: what the shapes "
               "cost on this machine before any routing. *Traffic bound*: what streaming the expert weights "
               f"(read in forward and backward, gradient written) at the measured {r['bandwidth_gb_per_s']:.1f} GB/s "
-              "(large copy) adds to the dense time; for SaMoE, its 12 extra passes over the layer's expert-sized "
+              "(large copy) adds to the dense time; for SaMoE, its 13 extra passes over the layer's expert-sized "
               "weights (moe/grouped.py) added to the MoE time.", "",
               "| T | E | top-k | expert width | dense (ms) | MoE / dense | GEMM floor | traffic bound "
               "| SaMoE / MoE | SaMoE traffic bound |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]

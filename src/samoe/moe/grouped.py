@@ -90,19 +90,21 @@ def _combine(w: Tensor, coef: Tensor | None, dtype: torch.dtype) -> Tensor:
     return out.to(dtype)
 
 
-def _source_grad(w: Tensor, coef: Tensor | None, gcoef: Tensor | None, g: Tensor) -> Tensor:
+def _source_grad(w: Tensor, coef: Tensor | None, gcoef: Tensor | None, g: Tensor,
+                 out: Tensor | None = None) -> Tensor:
     """∂L/∂w from the stack's gradient g [E, ...]: g itself, or for a pool
-    ∂L/∂P[k] = c[.., k] · g, adding ∂L/∂c[.., k] = <P[k], g> (per expert for [E, K]) into gcoef."""
+    ∂L/∂P[k] = c[.., k] · g, adding ∂L/∂c[.., k] = <P[k], g> (per expert for [E, K]) into gcoef.
+    `out`, the pool's gradient buffer, may hold g in its slice 0 (scaled last, in place)."""
     g = g.to(w.dtype)
     if coef is None:
         return g
-    gp = torch.empty_like(w)
-    for k in range(w.shape[0]):
-        torch.mul(g, _coef_k(coef, k, w), out=gp[k])
     if coef.dim() == 1:
         gcoef += (w.reshape(w.shape[0], -1) @ g.reshape(-1)).to(coef.dtype)
     else:
         gcoef += torch.einsum("ke...,e...->ek", w, g).to(coef.dtype)
+    gp = torch.empty_like(w) if out is None else out
+    for k in reversed(range(w.shape[0])):  # slice 0 last: it may be g itself
+        torch.mul(g, _coef_k(coef, k, w), out=gp[k])
     return gp
 
 
@@ -137,20 +139,22 @@ class GroupedExpertFFN(torch.autograd.Function):
         E = len(ctx.counts)
         gcoef = torch.zeros_like(coef) if coef is not None else None
 
-        def stack_grad(w: Tensor) -> Tensor:
-            """Where the experts' gradients go: straight into w's gradient for a stack of the
-            compute dtype; else a buffer that _source_grad turns into w's. Experts without
-            tokens get zero gradients."""
-            g = xc.new_empty(w.shape[1:] if coef is not None else w.shape)
+        def stack_grad(w: Tensor) -> tuple[Tensor, Tensor | None]:
+            """(g, out): where the experts' gradients go, g [E, ...], and the buffer that
+            _source_grad turns it into. A stack of the compute dtype: g is w's gradient itself.
+            A pool of the compute dtype: g is slice 0 of the pool's gradient, so no stack-sized
+            buffer is needed. Experts without tokens get zero gradients."""
+            out = torch.empty_like(w) if coef is not None and w.dtype == dtype else None
+            g = out[0] if out is not None else xc.new_empty(w.shape[1:] if coef is not None else w.shape)
             for e, n in enumerate(ctx.counts):
                 if not n:
                     g[e].zero_()
-            return g
+            return g, out
 
         with torch.autocast(xc.device.type, enabled=False):
             # pass 2 backwards: ∂L/∂a and W2's gradients, then the activation over all rows at once
             a = activate(h, ctx.activation)
-            W2, gW2 = _combine(w2, coef, dtype), stack_grad(w2)
+            W2, (gW2, out2) = _combine(w2, coef, dtype), stack_grad(w2)
             ga = torch.empty_like(a)
             for e, rows in segments:
                 torch.mm(gy[rows], W2[e].t(), out=ga[rows])
@@ -158,17 +162,17 @@ class GroupedExpertFFN(torch.autograd.Function):
             del W2, a
             gh = activation_backward(ga, h, ctx.activation)
             del ga
-            gw2 = _source_grad(w2, coef, gcoef, gW2)
-            del gW2
+            gw2 = _source_grad(w2, coef, gcoef, gW2, out2)
+            del gW2, out2
             # pass 1 backwards: ∂L/∂x and W1's gradients
-            W1, gW1 = _combine(w1, coef, dtype), stack_grad(w1)
+            W1, (gW1, out1) = _combine(w1, coef, dtype), stack_grad(w1)
             gx = torch.empty_like(xc)  # every row belongs to some expert
             for e, rows in segments:
                 torch.mm(gh[rows], W1[e].t(), out=gx[rows])
                 torch.mm(xc[rows].t(), gh[rows], out=gW1[e])
             del W1
-            gw1 = _source_grad(w1, coef, gcoef, gW1)
-            del gW1
+            gw1 = _source_grad(w1, coef, gcoef, gW1, out1)
+            del gW1, out1
             # bias gradients: one segment sum each, over the rows' expert ids (skipped for the
             # constant zero biases of `bias: false`, which also add nothing to ∂L/∂c)
             row_expert = torch.repeat_interleave(torch.arange(E, device=xc.device),
