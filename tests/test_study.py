@@ -399,3 +399,34 @@ def test_a_grid_killed_mid_way_resumes_and_reports_its_runs_own_numbers(tmp_path
         losses = [json.loads((c.run_dir / "summary.json").read_text())["val_loss"]
                   for c in cells if f"small/{c.arm}" == row["arm"]]
         assert row["seeds"] == 2 and row["val_loss"] == pytest.approx(statistics.mean(losses))
+
+
+def _unfinished_run(run_dir: Path, curve: list[tuple[int, float]]) -> None:
+    """A run still training: metrics.jsonl with a training row and its evaluations, no summary.json."""
+    run_dir.mkdir(parents=True)
+    rows = [{"step": 1, "tokens": 64, "loss": 5.0, "tokens_per_s": 100.0}]
+    rows += [{"step": s, "tokens": 64 * s, "tokens_per_s": 100.0, "val_loss": v} for s, v in curve]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_report_shows_runs_in_progress_beside_the_finished_ones(tmp_path):
+    out = _fake_arms(tmp_path / "out", {"dense": (["model.moe.enabled=false"], [1.5])})
+    _unfinished_run(out / "moe" / "seed1", [(100, 3.2), (200, 2.9)])
+    _unfinished_run(out / "samoe" / "seed1", [(100, 3.1)])
+    _unfinished_run(out / "samoe" / "seed2", [])  # no evaluation yet: left out
+    path, rows = report.write_report(out)
+    text = path.read_text()
+    assert [r["arm"] for r in rows] == ["dense"]  # the table of finished runs is unchanged
+    section = text[text.index("## Runs in progress"):]
+    assert "| step | moe/seed1 | samoe/seed1 |" in section
+    assert "| 100 | 3.2000 | 3.1000 |" in section and "| 200 | 2.9000 |  |" in section
+    assert "samoe/seed2" not in section and (out / "loss-steps-unfinished.png").is_file()
+
+
+def test_a_study_with_no_finished_run_yet_reports_its_progress(tmp_path):
+    _unfinished_run(tmp_path / "out" / "moe" / "seed1", [(100, 3.2)])
+    code, _, err = _run("study", "report", tmp_path / "out")
+    assert code == 0, err
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "No run has finished yet" in text and "| 100 | 3.2000 |" in text
+    assert json.loads((tmp_path / "out" / "report.json").read_text()) == []

@@ -15,6 +15,10 @@ to arm `[corpus/]arm`. Per arm, over its seeds:
 The plots: val loss vs tokens, val loss vs training seconds, and final val loss vs total
 parameters (each arm one point with its std as an error bar: the efficiency frontier).
 
+Runs still training (or stopped before their end: no summary.json yet, but evaluations in
+metrics.jsonl) get a section of their own: every run's val loss at each evaluation step so far,
+and loss-steps-unfinished.png, so a study that takes several sessions can be read while it runs.
+
 With tasks (`--task`), the zero-shot scores of the best arms (samoe.study.zeroshot); for a study
 with corpora, SaMoE's gap to the standard MoE against corpus diversity (samoe.study.diversity).
 """
@@ -29,8 +33,8 @@ from typing import Callable
 
 from samoe.errors import UserError
 from samoe.fileio import write_text_atomic
-from samoe.plots import pyplot
-from samoe.runs import SUMMARY_FILE, read_json, read_metrics
+from samoe.plots import pyplot, save_png
+from samoe.runs import METRICS_FILE, SUMMARY_FILE, read_json, read_metrics
 from samoe.study.diversity import corpus_of, format_poolsize, plot_gap_diversity, poolsize_rows
 from samoe.study.grid import SPEED_FILE
 from samoe.study.runs_table import Arm, Run, mean_std
@@ -67,8 +71,8 @@ def apply_speed(arms: list[Arm], speed: dict) -> list[str]:
     return missing
 
 
-def collect(study_dir: str | Path) -> list[Arm]:
-    """The arms of a study directory, in sorted order of their names."""
+def collect(study_dir: str | Path, allow_empty: bool = False) -> list[Arm]:
+    """The arms of a study directory's finished runs, in sorted order of their names."""
     root = Path(study_dir)
     if not root.is_dir():
         raise UserError(f"study directory '{root}' does not exist")
@@ -78,9 +82,51 @@ def collect(study_dir: str | Path) -> list[Arm]:
         rel = run_dir.relative_to(root).parts
         name = "/".join(rel[:-1]) if len(rel) > 1 and rel[-1].startswith("seed") else "/".join(rel)
         arms.setdefault(name, Arm(name)).runs.append(read_run(run_dir))
-    if not arms:
+    if not arms and not allow_empty:
         raise UserError(f"'{root}' holds no finished runs (no {SUMMARY_FILE} below it)")
     return [arms[k] for k in sorted(arms)]
+
+
+def unfinished_curves(root: Path) -> dict[str, list[tuple[int, float]]]:
+    """Runs under root without a summary.json (still training, or stopped), by their path
+    below root: [(step, val loss)] of their evaluations so far (runs with none are left out)."""
+    out = {}
+    for metrics in sorted(root.rglob(METRICS_FILE)):
+        run_dir = metrics.parent
+        if (run_dir / SUMMARY_FILE).exists():
+            continue
+        curve = [(r["step"], r["val_loss"]) for r in read_metrics(run_dir) if "val_loss" in r]
+        if curve:
+            out[str(run_dir.relative_to(root))] = curve
+    return out
+
+
+def format_unfinished(curves: dict[str, list[tuple[int, float]]]) -> str:
+    """Val loss by evaluation step, one column per unfinished run (blank where not reached)."""
+    names = list(curves)
+    by_step = {name: dict(c) for name, c in curves.items()}
+    steps = sorted({s for c in curves.values() for s, _ in c})
+    lines = ["| step | " + " | ".join(names) + " |", "| ---: |" + " ---: |" * len(names)]
+    for s in steps:
+        cells = [f"{by_step[n][s]:.4f}" if s in by_step[n] else "" for n in names]
+        lines.append(f"| {s:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_unfinished(curves: dict[str, list[tuple[int, float]]], out_dir: Path) -> Path:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, c in curves.items():
+        ax.plot([s for s, _ in c], [v for _, v in c], marker=".", label=name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/token)")
+    _zoom(ax, [v for c in curves.values() for _, v in c])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "loss-steps-unfinished.png"
+    save_png(fig, path)
+    return path
 
 
 def arm_rows(arms: list[Arm]) -> list[dict]:
@@ -183,15 +229,10 @@ def _zoom(ax, values: list[float]) -> None:
         ax.set_ylim(low - 0.05 * (high - low + 1e-9), high + 0.05 * (high - low + 1e-9))
 
 
-def write_report(study_dir: str | Path, tasks: str | list[str] | None = None, limit: int | None = None,
-                 log: Callable[[str], None] = lambda m: None) -> tuple[Path, list[dict]]:
-    """DIR/report.md, DIR/report.json and the PNGs; returns the report's path and the table rows
-    (report.json's content). With `tasks`, the best arms' zero-shot scores (on the first `limit`
-    items of each task) are added; a study with corpora gets the pool-size-against-diversity
-    section and gap-diversity.png."""
-    root = Path(study_dir)
-    names = parse_tasks(tasks, limit)  # a bad task or limit fails before anything is read or scored
-    arms = collect(root)
+def _finished_sections(root: Path, arms: list[Arm], names: list[str], limit: int | None,
+                       log: Callable[[str], None], text: list[str]) -> tuple[list[dict], list[Path]]:
+    """The finished runs' sections, appended to text: table, equal-time table, zero-shot and
+    pool size against diversity. Returns the table rows and the images written."""
     rows = arm_rows(arms)
     zeroshot = zeroshot_rows(arms, names, limit, log) if names else []
     gaps, corpora, notes = poolsize_rows(root, arms)
@@ -206,9 +247,8 @@ def write_report(study_dir: str | Path, tasks: str | list[str] | None = None, li
                       "machine" + (f"; arms without a measured speed keep their logged one: {', '.join(missing)}."
                                    if missing else "."))
     images = plot(arms, root)
-    text = [f"# Study report: {root.name}", "",
-            "Generated by `samoe study report`. Final validation metrics are mean ± std over seeds; "
-            + speed_note, "", format_table(rows), ""]
+    text += ["Generated by `samoe study report`. Final validation metrics are mean ± std over seeds; "
+             + speed_note, "", format_table(rows), ""]
     t, timed = equal_time_rows(arms)
     text += [f"At equal training time ({t:,.0f} s, when the first arm finished; val loss interpolated between "
              "evaluations):", "", "| arm | val loss at equal time |", "| --- | ---: |"]
@@ -235,6 +275,30 @@ def write_report(study_dir: str | Path, tasks: str | list[str] | None = None, li
                 r["diversity"] = corpora[corpus]["diversity"]
         gap_plot = plot_gap_diversity(gaps, corpora, root)
         images += [gap_plot] if gap_plot else []
+    return rows, images
+
+
+def write_report(study_dir: str | Path, tasks: str | list[str] | None = None, limit: int | None = None,
+                 log: Callable[[str], None] = lambda m: None) -> tuple[Path, list[dict]]:
+    """DIR/report.md, DIR/report.json and the PNGs; returns the report's path and the table rows
+    (report.json's content). With `tasks`, the best arms' zero-shot scores (on the first `limit`
+    items of each task) are added; a study with corpora gets the pool-size-against-diversity
+    section and gap-diversity.png."""
+    root = Path(study_dir)
+    names = parse_tasks(tasks, limit)  # a bad task or limit fails before anything is read or scored
+    unfinished = unfinished_curves(root) if root.is_dir() else {}
+    arms = collect(root, allow_empty=bool(unfinished))
+    text = [f"# Study report: {root.name}", ""]
+    rows, images = [], []
+    if arms:
+        rows, images = _finished_sections(root, arms, names, limit, log, text)
+    else:
+        text.append("Generated by `samoe study report`. No run has finished yet.")
+    if unfinished:
+        text += ["", "## Runs in progress", "",
+                 f"{len(unfinished)} run(s) without a {SUMMARY_FILE} yet: val loss at each evaluation so far "
+                 "(each run's in-training evaluation).", "", format_unfinished(unfinished)]
+        images.append(plot_unfinished(unfinished, root))
     text += [""] + [f"![{p.stem}]({p.name})" for p in images]
     path = root / "report.md"
     write_text_atomic(path, "\n".join(text) + "\n")
