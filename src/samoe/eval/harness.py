@@ -14,6 +14,9 @@ lm-eval's command line with that name known: `python -m samoe.eval.harness --mod
 
 from __future__ import annotations
 
+# lm-eval loads its own models (hf, ...) only into an empty registry: load them before "samoe"
+# is registered below, or registering samoe would hide them (`--model hf` would be unknown).
+import lm_eval.models  # noqa: F401
 import torch
 from lm_eval.__main__ import cli_evaluate
 from lm_eval.api.model import LM
