@@ -8,7 +8,8 @@ T = 2048 tokens and 64 experts (d = 256, f = 1024) that was a quarter of an MoE 
 forward + backward (docs/benchmarks.md). With mmap off and trimming off, freed blocks stay in
 the heap and the next step reuses them. The price: the process's RSS stays at its peak rather
 than following the live tensors, which for a training or benchmark process (steady state is the
-peak) costs nothing.
+peak) costs nothing: the default preset's SaMoE step held 598 MiB from step 20 to 120 (575-589
+without), the MoE's 614-632 (592-611 without).
 """
 
 from __future__ import annotations
