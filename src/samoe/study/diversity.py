@@ -20,7 +20,7 @@ from samoe.data.options import SAMPLE_WORDS
 from samoe.data.shards import is_prepared, load_prepared, read_meta
 from samoe.data.stats import corpus_stats
 from samoe.errors import DataError
-from samoe.fileio import write_text_atomic
+from samoe.fileio import read_cache, write_text_atomic
 from samoe.plots import pyplot
 from samoe.runs import CONFIG_FILE
 from samoe.study.runs_table import Arm, Run, base_name
@@ -78,13 +78,9 @@ def corpus_diversity(root: Path, corpus: str, runs: list[Run]) -> tuple[dict | N
         if is_prepared(path):
             key["train"] = read_meta(path)["splits"]["train"]
         cache = root / corpus / DIVERSITY_FILE
-        if cache.is_file():
-            try:
-                cached = json.loads(cache.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                cached = {}
-            if cached.get("key") == key and isinstance(cached.get("stats"), dict):
-                return cached["stats"], described + (f" ({note})" if note else "")
+        cached = read_cache(cache)
+        if cached.get("key") == key and isinstance(cached.get("stats"), dict):
+            return cached["stats"], described + (f" ({note})" if note else "")
         stats = corpus_stats(training_documents(data))
     except DataError as e:
         return None, f"its data cannot be read ({e})"

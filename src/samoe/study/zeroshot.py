@@ -19,7 +19,7 @@ from typing import Callable
 from samoe.errors import UserError
 from samoe.eval import tasks as tasklib
 from samoe.eval.zeroshot import Scorer, evaluate_task, load_scorer
-from samoe.fileio import write_text_atomic
+from samoe.fileio import read_cache, write_text_atomic
 from samoe.study.runs_table import Arm, Run, base_name, mean_std
 
 ZEROSHOT_BEST, ZEROSHOT_MAX_ARMS = 3, 5
@@ -75,15 +75,11 @@ def score_run(run: Run, loaded: dict[str, tasklib.Task], limit: int | None, log:
     scorer: Scorer | None = None
     for name, task in loaded.items():
         cache, digest = zeroshot_cache(run.path, name, limit), task_digest(task)
-        if cache.is_file():
-            try:
-                cached = json.loads(cache.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                cached = {}
-            if (cached.get("steps") == run.summary["steps"] and cached.get("task_sha256") == digest
-                    and isinstance(cached.get("metrics"), dict)):
-                out[name] = cached["metrics"]
-                continue
+        cached = read_cache(cache)
+        if (cached.get("steps") == run.summary["steps"] and cached.get("task_sha256") == digest
+                and isinstance(cached.get("metrics"), dict)):
+            out[name] = cached["metrics"]
+            continue
         if scorer is None:
             scorer = load_scorer(run.path)
         metrics = evaluate_task(scorer, task)
