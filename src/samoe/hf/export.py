@@ -38,7 +38,7 @@ from samoe.config import (
 from samoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from samoe.errors import ExportError
 from samoe.hf.stock import FORMATS as STOCK_FORMATS
-from samoe.hf.stock import check_fits, stock_config, stock_tensors
+from samoe.hf.stock import backbone_keys, check_fits, stock_config, stock_tensors
 from samoe.hf.tensors import materialized, model_tensors
 from samoe.hf.tokenizer import tokenizer_files
 from samoe.model.gpt import GPT
@@ -65,12 +65,7 @@ def samoe_hf_config(m: ModelConfig, eot_id: int, dtype: str) -> dict:
         "auto_map": {"AutoConfig": "configuration_samoe.SamoeConfig",
                      "AutoModelForCausalLM": "modeling_samoe.SamoeForCausalLM"},
         "samoe": samoe,
-        "vocab_size": m.vocab_size,
-        "hidden_size": m.d_model,
-        "num_hidden_layers": m.n_layers,
-        "num_attention_heads": m.n_heads,
-        "max_position_embeddings": m.block_size,
-        "tie_word_embeddings": m.tie_embeddings,
+        **backbone_keys(m),
         # expert choice is not causal: every step re-reads the whole text, so no KV cache
         "use_cache": not (moe_ids and m.moe.router == "expert_choice"),
         "bos_token_id": eot_id,

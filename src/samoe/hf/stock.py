@@ -65,6 +65,13 @@ def check_fits(m: ModelConfig, fmt: str) -> None:
              "sigmoid (its shared expert is added with a sigmoid gate)")
 
 
+def backbone_keys(m: ModelConfig) -> dict:
+    """The Hugging Face config keys every export format shares: the transformer backbone's sizes."""
+    return {"vocab_size": m.vocab_size, "hidden_size": m.d_model, "num_hidden_layers": m.n_layers,
+            "num_attention_heads": m.n_heads, "max_position_embeddings": m.block_size,
+            "tie_word_embeddings": m.tie_embeddings}
+
+
 def stock_config(m: ModelConfig, fmt: str, eot_id: int, dtype: str) -> dict:
     """config.json of format fmt for model m (check_fits first)."""
     moe_ids = moe_layer_ids(m)
@@ -73,20 +80,15 @@ def stock_config(m: ModelConfig, fmt: str, eot_id: int, dtype: str) -> dict:
     out = {
         "architectures": ["MixtralForCausalLM" if fmt == "mixtral" else "Qwen2MoeForCausalLM"],
         "model_type": fmt,
-        "vocab_size": m.vocab_size,
-        "hidden_size": m.d_model,
-        "num_hidden_layers": m.n_layers,
-        "num_attention_heads": m.n_heads,
+        **backbone_keys(m),
         "num_key_value_heads": m.n_heads,
         "head_dim": m.d_model // m.n_heads,
         "hidden_act": "silu",
-        "max_position_embeddings": m.block_size,
         "rms_norm_eps": m.norm_eps,
         "rope_theta": m.rope_base,
         "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_base},
         "attention_dropout": 0.0,
         "initializer_range": 0.02,
-        "tie_word_embeddings": m.tie_embeddings,
         "num_experts_per_tok": k,
         "output_router_logits": False,
         "use_cache": True,
