@@ -404,7 +404,7 @@ def test_a_grid_killed_mid_way_resumes_and_reports_its_runs_own_numbers(tmp_path
 def _unfinished_run(run_dir: Path, curve: list[tuple[int, float]]) -> None:
     """A run still training: metrics.jsonl with a training row and its evaluations, no summary.json."""
     run_dir.mkdir(parents=True)
-    rows = [{"step": 1, "tokens": 64, "loss": 5.0, "tokens_per_s": 100.0}]
+    rows = [{"step": s, "tokens": 64 * s, "loss": 5.0 - s / 1000, "tokens_per_s": 100.0} for s in range(1, 2501)]
     rows += [{"step": s, "tokens": 64 * s, "tokens_per_s": 100.0, "val_loss": v} for s, v in curve]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -421,6 +421,10 @@ def test_report_shows_runs_in_progress_beside_the_finished_ones(tmp_path):
     assert "| step | moe/seed1 | samoe/seed1 |" in section
     assert "| 100 | 3.2000 | 3.1000 |" in section and "| 200 | 2.9000 |  |" in section
     assert "samoe/seed2" not in section and (out / "loss-steps-unfinished.png").is_file()
+    # training loss: mean over steps (0, 1000] and (1000, 2000]; the incomplete third window is left out
+    window = section[section.index("Mean training loss"):]
+    assert "| 1,000 | 4.4995 | 4.4995 |" in window and "| 2,000 | 3.4995 | 3.4995 |" in window
+    assert "| 3,000 |" not in window
 
 
 def test_a_study_with_no_finished_run_yet_reports_its_progress(tmp_path):

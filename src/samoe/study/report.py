@@ -17,7 +17,11 @@ parameters (each arm one point with its std as an error bar: the efficiency fron
 
 Runs still training (or stopped before their end: no summary.json yet, but evaluations in
 metrics.jsonl) get a section of their own: every run's val loss at each evaluation step so far,
-and loss-steps-unfinished.png, so a study that takes several sessions can be read while it runs.
+its mean training loss over each window of steps, and loss-steps-unfinished.png, so a study that
+takes several sessions can be read while it runs. Runs of one seed read the same batches in the
+same order, and a run that repeats no text is scored on each batch before it learns from it, so
+the windowed training loss is a paired held-out comparison over far more tokens than the
+in-training validation.
 
 With tasks (`--task`), the zero-shot scores of the best arms (samoe.study.zeroshot); for a study
 with corpora, SaMoE's gap to the standard MoE against corpus diversity (samoe.study.diversity).
@@ -87,22 +91,36 @@ def collect(study_dir: str | Path, allow_empty: bool = False) -> list[Arm]:
     return [arms[k] for k in sorted(arms)]
 
 
-def unfinished_curves(root: Path) -> dict[str, list[tuple[int, float]]]:
+TRAIN_WINDOW = 1000  # steps per window of the unfinished runs' mean training loss
+
+
+def unfinished_curves(root: Path) -> tuple[dict[str, list[tuple[int, float]]], dict[str, list[tuple[int, float]]]]:
     """Runs under root without a summary.json (still training, or stopped), by their path
-    below root: [(step, val loss)] of their evaluations so far (runs with none are left out)."""
-    out = {}
+    below root: [(step, val loss)] of their evaluations so far (runs with none are left out),
+    and [(window end, mean training loss)] over the complete windows of TRAIN_WINDOW steps."""
+    evals, train = {}, {}
     for metrics in sorted(root.rglob(METRICS_FILE)):
         run_dir = metrics.parent
         if (run_dir / SUMMARY_FILE).exists():
             continue
-        curve = [(r["step"], r["val_loss"]) for r in read_metrics(run_dir) if "val_loss" in r]
-        if curve:
-            out[str(run_dir.relative_to(root))] = curve
-    return out
+        rows = read_metrics(run_dir)
+        curve = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        if not curve:
+            continue
+        name = str(run_dir.relative_to(root))
+        evals[name] = curve
+        last = max(r["step"] for r in rows) // TRAIN_WINDOW * TRAIN_WINDOW
+        windows: dict[int, list[float]] = {}
+        for r in rows:
+            end = -(-r["step"] // TRAIN_WINDOW) * TRAIN_WINDOW  # the window (end - W, end] holding the step
+            if "loss" in r and end <= last:
+                windows.setdefault(end, []).append(r["loss"])
+        train[name] = [(end, statistics.mean(v)) for end, v in sorted(windows.items())]
+    return evals, train
 
 
 def format_unfinished(curves: dict[str, list[tuple[int, float]]]) -> str:
-    """Val loss by evaluation step, one column per unfinished run (blank where not reached)."""
+    """Loss by step, one column per unfinished run (blank where not reached)."""
     names = list(curves)
     by_step = {name: dict(c) for name, c in curves.items()}
     steps = sorted({s for c in curves.values() for s, _ in c})
@@ -286,7 +304,7 @@ def write_report(study_dir: str | Path, tasks: str | list[str] | None = None, li
     section and gap-diversity.png."""
     root = Path(study_dir)
     names = parse_tasks(tasks, limit)  # a bad task or limit fails before anything is read or scored
-    unfinished = unfinished_curves(root) if root.is_dir() else {}
+    unfinished, train_windows = unfinished_curves(root) if root.is_dir() else ({}, {})
     arms = collect(root, allow_empty=bool(unfinished))
     text = [f"# Study report: {root.name}", ""]
     rows, images = [], []
@@ -297,7 +315,10 @@ def write_report(study_dir: str | Path, tasks: str | list[str] | None = None, li
     if unfinished:
         text += ["", "## Runs in progress", "",
                  f"{len(unfinished)} run(s) without a {SUMMARY_FILE} yet: val loss at each evaluation so far "
-                 "(each run's in-training evaluation).", "", format_unfinished(unfinished)]
+                 "(each run's in-training evaluation).", "", format_unfinished(unfinished), "",
+                 f"Mean training loss over each window of {TRAIN_WINDOW:,} steps, by the window's last step (runs of "
+                 "one seed read the same batches; with no text repeated, each batch is scored before the model "
+                 "learns from it):", "", format_unfinished(train_windows)]
         images.append(plot_unfinished(unfinished, root))
     text += [""] + [f"![{p.stem}]({p.name})" for p in images]
     path = root / "report.md"
