@@ -118,7 +118,7 @@ class PoolMixture(nn.Module):
         return tuple(torch.einsum(f"{spec},ke...->e...", c.to(p.dtype), p[:, :E]) for p in self._pool[0]())
 
     def source(self) -> ExpertSource:
-        """The pool and c_l, for the fast path to combine one expert at a time.
+        """The pool and c_l, for the fast path to combine one matrix of the layer at a time.
 
         Under expert parallelism (`shard` = (p, P)) the pool holds experts p, p + P, ... and so
         do the returned coefficients."""
