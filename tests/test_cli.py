@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
+import samoe.cli as cli_mod
 from helpers import assert_user_error, run_cli
 from samoe.cli import main
+from samoe.verbs import Verb
 
 # A few-second run: the tiny preset, bytes as tokens, 3 steps, one evaluation and checkpoint.
 FAST = ["--preset", "tiny", "--quiet", "train.max_steps=3", "train.eval_every=3", "train.ckpt_every=3",
@@ -353,3 +355,21 @@ def test_console_script_exit_status(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("samoe: error:") and "nope.txt" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_a_peer_leaving_on_ctrl_c_is_an_interruption_not_a_traceback(monkeypatch, capsys):
+    """Under torchrun a process blocked in a collective sees its interrupted peer leave (a
+    RuntimeError) before its own Ctrl-C is raised; with that Ctrl-C pending, samoe says
+    "interrupted" and exits 130. Without one, the error is a real failure and propagates."""
+    def peer_left(args):
+        raise RuntimeError("Connection closed by peer")
+    monkeypatch.setattr(cli_mod, "VERBS", [Verb("params", "", lambda p: None, peer_left)])
+
+    def pending_ctrl_c():
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli_mod, "run_pending_signal_handlers", pending_ctrl_c)
+    assert cli_mod.main(["params"]) == 130
+    assert capsys.readouterr().err == "samoe: interrupted\n"
+    monkeypatch.setattr(cli_mod, "run_pending_signal_handlers", lambda: None)
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        cli_mod.main(["params"])

@@ -127,12 +127,31 @@ def main(argv: list[str] | None = None) -> int:
             print(f"samoe: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
-        if is_main_process():
-            print("samoe: interrupted", file=sys.stderr)
-        return 130
+        return interrupted()
     except BrokenPipeError:  # `samoe params ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Exception:
+        # Ctrl-C reaches every process of a torchrun launch. One blocked in a collective (C++,
+        # where Python cannot yet run its SIGINT handler) may see its peer leave, as a
+        # RuntimeError, before its own interrupt is raised. Give a pending interrupt its turn:
+        # if there is one, this process was interrupted, it did not fail.
+        try:
+            run_pending_signal_handlers()
+        except KeyboardInterrupt:
+            return interrupted()
+        raise
+
+
+def interrupted() -> int:
+    if is_main_process():
+        print("samoe: interrupted", file=sys.stderr)
+    return 130
+
+
+def run_pending_signal_handlers() -> None:
+    """Nothing: CPython runs pending signal handlers when a Python function starts, so calling
+    one raises the KeyboardInterrupt of a Ctrl-C that arrived while C++ code ran."""
 
 
 if __name__ == "__main__":
