@@ -156,5 +156,7 @@ def training_shapes(shape: Shape, tokens: tuple[int, ...], bytes_per_s: float, r
                 "moe_vs_dense": t["moe"] / t["dense"], "samoe_vs_moe": t["samoe"] / t["moe"],
                 "gemm_floor": t["gemm_moe"] / t["gemm_dense"],
                 "traffic_bound": weight_traffic_bound(t["dense"], expert_params, dense_params, bytes_per_s),
-                "samoe_traffic_bound": (t["moe"] + SAMOE_EXTRA_PASSES * 4 * expert_params / bytes_per_s) / t["moe"]})
+                # SaMoE against the MoE: all of its extra passes are traffic the MoE does not have
+                "samoe_traffic_bound": weight_traffic_bound(t["moe"], expert_params, 0, bytes_per_s,
+                                                            SAMOE_EXTRA_PASSES)})
     return rows
