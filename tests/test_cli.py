@@ -364,6 +364,8 @@ def test_a_peer_leaving_on_ctrl_c_is_an_interruption_not_a_traceback(monkeypatch
     def peer_left(args):
         raise RuntimeError("Connection closed by peer")
     monkeypatch.setattr(cli_mod, "VERBS", [Verb("params", "", lambda p: None, peer_left)])
+    monkeypatch.setenv("RANK", "0")  # a torchrun process
+    monkeypatch.setattr(cli_mod, "INTERRUPT_GRACE_S", 0.0)
 
     def pending_ctrl_c():
         raise KeyboardInterrupt
@@ -371,5 +373,9 @@ def test_a_peer_leaving_on_ctrl_c_is_an_interruption_not_a_traceback(monkeypatch
     assert cli_mod.main(["params"]) == 130
     assert capsys.readouterr().err == "samoe: interrupted\n"
     monkeypatch.setattr(cli_mod, "run_pending_signal_handlers", lambda: None)
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        cli_mod.main(["params"])
+    monkeypatch.delenv("RANK")  # a single process does not wait for an interrupt: the error is real
+    monkeypatch.setattr(cli_mod, "run_pending_signal_handlers", pending_ctrl_c)
     with pytest.raises(RuntimeError, match="closed by peer"):
         cli_mod.main(["params"])

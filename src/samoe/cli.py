@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -132,15 +133,21 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except Exception:
-        # Ctrl-C reaches every process of a torchrun launch. One blocked in a collective (C++,
-        # where Python cannot yet run its SIGINT handler) may see its peer leave, as a
-        # RuntimeError, before its own interrupt is raised. Give a pending interrupt its turn:
-        # if there is one, this process was interrupted, it did not fail.
-        try:
-            run_pending_signal_handlers()
-        except KeyboardInterrupt:
-            return interrupted()
+        # On Ctrl-C torchrun's launcher stops its processes one after the other. One blocked in a
+        # collective may see its stopped peer leave, as a RuntimeError, before its own interrupt
+        # arrives, or while it is pending (C++ code ran; Python had no turn to raise it). Under
+        # torchrun, give the interrupt its turn and a moment to arrive: if it comes, this
+        # process was interrupted, it did not fail.
+        if "RANK" in os.environ:
+            try:
+                run_pending_signal_handlers()
+                time.sleep(INTERRUPT_GRACE_S)
+            except KeyboardInterrupt:
+                return interrupted()
         raise
+
+
+INTERRUPT_GRACE_S = 2.0  # how long a failed torchrun process waits for a Ctrl-C on its way
 
 
 def interrupted() -> int:

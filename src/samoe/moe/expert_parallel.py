@@ -93,7 +93,7 @@ def dispatch_ep(x: Tensor, routing: Routing, source: ExpertSource, activation: s
     send_splits = send_counts.view(P, local).sum(1).tolist()
     recv_splits = recv_counts.view(P, local).sum(1).tolist()
 
-    received = all_to_all_single_autograd(x[token], recv_splits, send_splits, ep.group)
+    received = all_to_all_single_autograd(x.index_select(0, token), recv_splits, send_splits, ep.group)  # as dispatch()
     # Rows arrive grouped by source process, then local expert: source 0's rows for experts
     # 0..local-1, then source 1's, ... Labelling each row with its local expert
     # (arange(local) repeated per source, each label repeated by its count) and stable-sorting
@@ -103,7 +103,7 @@ def dispatch_ep(x: Tensor, routing: Routing, source: ExpertSource, activation: s
     counts = recv_counts.view(P, local).sum(0).tolist()
     # even with no rows: the experts and coefficients stay in the graph (zero gradients), as DDP
     # and the backward all-to-alls on the other processes expect
-    out = grouped_expert_ffn(received[regroup], counts, source, activation)
+    out = grouped_expert_ffn(received.index_select(0, regroup), counts, source, activation)
     # index_copy with the same permutation undoes the regrouping (out[regroup[i]] = row i), so
     # the rows go back in arrival order and the reverse all-to-all returns each to its sender
     out = torch.empty_like(out).index_copy(0, regroup, out)
