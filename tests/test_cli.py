@@ -125,6 +125,25 @@ def test_eval_json(trained):
     assert result["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-4)
 
 
+def test_eval_windows_spread_holds_in_training_and_in_samoe_eval(tmp_path):
+    """train.eval_windows=spread: training's evaluations and `samoe eval` score the same windows,
+    spaced over the split, not its first ones (400 documents: the split holds ~60 windows of 64)."""
+    corpus = tmp_path / "big.txt"
+    corpus.write_text("\n\n".join(_paragraphs(400)) + "\n", encoding="utf-8")
+    code, _, err = run_cli("train", "--data", corpus, "--out", "spread", *FAST, "train.eval_tokens=128",
+                           "train.eval_windows=spread")
+    assert code == 0, err
+    summary = json.loads(Path("spread/summary.json").read_text())
+    code, out, err = run_cli("eval", "spread", "--json")
+    assert code == 0, err
+    assert json.loads(out)["val_loss"] == pytest.approx(summary["val_loss"], rel=1e-6)
+    config = Path("spread/config.yaml")
+    config.write_text(config.read_text().replace("eval_windows: spread", "eval_windows: first"))
+    code, out, err = run_cli("eval", "spread", "--json")
+    assert code == 0, err
+    assert json.loads(out)["val_loss"] != pytest.approx(summary["val_loss"], rel=1e-3)
+
+
 def test_eval_text_and_other_data(trained):
     run, corpus, _ = trained
     code, out, err = run_cli("eval", run, "--data", corpus, "--max-tokens", "128")

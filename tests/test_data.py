@@ -258,6 +258,16 @@ def test_eval_batches_cover_without_overlap():
     assert sum(y.numel() for _, y in stream.eval_batches(2, 10, max_tokens=35)) == 30
 
 
+def test_spread_eval_windows_are_spaced_evenly_over_the_whole_split():
+    stream = TokenStream(np.arange(103, dtype=np.uint16))  # 10 windows of 10
+    x = torch.cat([b[0] for b in stream.eval_batches(2, 10, max_tokens=35, spread=True)])
+    assert x[:, 0].tolist() == [0, 30, 60]  # windows 0, 3, 6 of 10: i * 10 // 3
+    first = torch.cat([b[0] for b in stream.eval_batches(2, 10, max_tokens=35)])
+    assert first[:, 0].tolist() == [0, 10, 20]
+    every = [torch.cat([b[0] for b in stream.eval_batches(4, 10, spread=s)]) for s in (False, True)]
+    assert torch.equal(*every)  # the whole split: both are every window, in order
+
+
 def test_short_stream_error():
     with pytest.raises(DataError, match="validation split has 5 tokens; seq_len 8 needs at least 9"):
         stream = TokenStream(np.zeros(5, dtype=np.uint16), name="validation split")

@@ -28,6 +28,7 @@ SHARING = ("private", "pool", "shared")
 POOL_INITS = ("uniform", "noisy", "cycle", "sequence")
 GRANULARITIES = ("layer", "expert")
 ACTIVATIONS = ("gelu", "swiglu")
+EVAL_WINDOWS = ("first", "spread")
 POSITIONS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
 RESIDUAL_GATES = ("softmax", "sigmoid")
@@ -123,6 +124,9 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200
     eval_tokens: int = 65536  # validation tokens scored per evaluation
+    # which windows of the validation split those tokens are: "first" (the split's first
+    # eval_tokens: on a mixture, its first documents only) or "spread" (evenly spaced over the whole split)
+    eval_windows: str = "first"
     ckpt_every: int = 200
 
 
@@ -213,6 +217,7 @@ def validate(cfg: Config) -> Config:
         _check(value is None or value >= 1, name, "an integer >= 1 or null", value)
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "a number in [0, 1)", m.dropout)
     _choice("model.activation", m.activation, ACTIVATIONS)
+    _choice("train.eval_windows", t.eval_windows, EVAL_WINDOWS)
     _choice("model.positions", m.positions, POSITIONS)
     _choice("model.norm", m.norm, NORMS)
     _check(m.norm_eps > 0, "model.norm_eps", "a number > 0", m.norm_eps)

@@ -60,13 +60,18 @@ class TokenStream:
         n = (len(self.tokens) - 1) // seq_len
         return n if max_tokens is None else max(1, min(n, max_tokens // seq_len))
 
-    def eval_batches(self, batch_size: int, seq_len: int, max_tokens: int | None = None):
-        """Yield (x, y) of [<= batch_size, seq_len] for the non-overlapping windows starting at
-        0, seq_len, 2*seq_len, ...: every target token from tokens[1] on is predicted exactly once,
-        for num_eval_windows(seq_len, max_tokens) * seq_len targets in total. Deterministic."""
-        n = self.num_eval_windows(seq_len, max_tokens)
+    def eval_batches(self, batch_size: int, seq_len: int, max_tokens: int | None = None, spread: bool = False):
+        """Yield (x, y) of [<= batch_size, seq_len] for num_eval_windows(seq_len, max_tokens)
+        non-overlapping windows, each target token predicted at most once. Deterministic.
+
+        The split holds M = num_eval_windows(seq_len) windows, starting at 0, seq_len, 2*seq_len, ...
+        Of them the first n are used, or with `spread` n spaced evenly over all M (window
+        floor(i·M/n) for i < n): on a mixture whose documents come one source after another,
+        the first n windows hold its first sources only. With n = M both are every window."""
+        n, m = self.num_eval_windows(seq_len, max_tokens), self.num_eval_windows(seq_len)
+        index = np.arange(n) * m // n if spread else np.arange(n)
         for i in range(0, n, batch_size):
-            yield self._windows(np.arange(i, min(i + batch_size, n)) * seq_len, seq_len)
+            yield self._windows(index[i:i + batch_size] * seq_len, seq_len)
 
 
 def unigram_perplexity(targets: np.ndarray, vocab_size: int) -> float:

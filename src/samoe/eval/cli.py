@@ -21,7 +21,8 @@ def eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", nargs="?")
     p.add_argument("--data", help="evaluate on all documents of this path instead of the run's validation split")
     p.add_argument("--max-tokens", type=int, help="score at most this many tokens (default: the run's "
-                   "train.eval_tokens, as training's evaluations did; 0 = all)")
+                   "train.eval_tokens, from the windows its train.eval_windows names, as training's "
+                   "evaluations did; 0 = all)")
     p.add_argument("--task", metavar="NAMES", help=f"comma-separated zero-shot tasks: built-in names "
                    f"({', '.join(tasks.BUILTIN)}) or .jsonl files of your own")
     p.add_argument("--limit", type=int, help="score only the first N items of each task")
@@ -45,7 +46,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     max_tokens = cfg.train.eval_tokens if args.max_tokens is None else (args.max_tokens or None)
     if max_tokens is not None and max_tokens < 0:
         raise UserError(f"--max-tokens {args.max_tokens} is invalid; expected an integer >= 0 (0 = all)")
-    result = evaluate(model, stream, tok.token_bytes(), batch, max_tokens, autocast_for(cfg, device))
+    result = evaluate(model, stream, tok.token_bytes(), batch, max_tokens, autocast_for(cfg, device),
+                      spread=cfg.train.eval_windows == "spread")
     if args.json:
         print(json.dumps(result))
     else:

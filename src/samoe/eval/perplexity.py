@@ -16,9 +16,11 @@ from samoe.model.gpt import GPT
 @torch.no_grad()
 def evaluate(model: GPT, stream: TokenStream, token_bytes: np.ndarray, batch_size: int,
              max_tokens: int | None = None, autocast=nullcontext, shard: tuple[int, int] = (0, 1),
-             all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None) -> dict[str, float]:
+             all_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+             spread: bool = False) -> dict[str, float]:
     """Score every target of stream.eval_batches once (non-overlapping windows of the
-    model's block size): mean NLL in nats (val_loss), exp of it (val_ppl), bits per UTF-8 byte
+    model's block size; the first max_tokens of the stream, or with `spread` as many spaced
+    evenly over all of it): mean NLL in nats (val_loss), exp of it (val_ppl), bits per UTF-8 byte
     (val_bpb), and the unigram perplexity of the same targets (the bar to beat).
 
     Across W processes (shard = (r, W)) process r scores batches r, r + W, ... and `all_sum`
@@ -32,7 +34,7 @@ def evaluate(model: GPT, stream: TokenStream, token_bytes: np.ndarray, batch_siz
     n_batches = -(-stream.num_eval_windows(seq_len, max_tokens) // batch_size)
     rounds = -(-n_batches // world)
     totals = torch.zeros(3, dtype=torch.float64)  # nll, tokens, bytes
-    batches, targets = stream.eval_batches(batch_size, seq_len, max_tokens), []
+    batches, targets = stream.eval_batches(batch_size, seq_len, max_tokens, spread), []
     first = None
     for i in range(rounds * world):
         x, y = next(batches) if i < n_batches else first

@@ -255,7 +255,7 @@ class Run:
         tr = self.trainer
         return evaluate(tr.model, self.splits.val, self.token_bytes, tr.micro,
                         tr.cfg.train.eval_tokens, tr.autocast, shard=(tr.layout.rank, tr.layout.world),
-                        all_sum=partial(all_sum, layout=tr.layout))
+                        all_sum=partial(all_sum, layout=tr.layout), spread=tr.cfg.train.eval_windows == "spread")
 
 
 def restore_state(tr: Trainer, state: dict, ckpt: Path) -> None:
