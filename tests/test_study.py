@@ -189,6 +189,31 @@ def _fake_arms(root: Path, spec: dict[str, tuple[list[str], list[float]]]) -> Pa
     return root
 
 
+def test_report_says_what_share_of_the_moe_gain_over_dense_each_arm_keeps(tmp_path):
+    """The headline sentence per arm: (L_dense - L_arm) / (L_dense - L_moe) and P_moe / P_arm,
+    with each gain's standard error; per corpus; none for a corpus without a dense arm."""
+    out = tmp_path / "out"
+    _fake_arms(out / "a", {"dense": (["model.moe.enabled=false"], [3.0, 3.1]),
+                           "moe": (["model.moe.sharing=private", "model.moe.pool.size=1"], [2.8, 2.9]),
+                           "samoe-k1": (["model.moe.pool.size=1"], [2.9, 2.95, 2.85]),
+                           "wide-dense": (["model.moe.enabled=false", "model.ffn_hidden=1024"], [3.1])})
+    _fake_arms(out / "b", {"moe": (["model.moe.sharing=private"], [2.0]), "samoe-k1": ([], [2.1])})
+    path, rows = report.write_report(out)
+    by_arm = {r["arm"]: r for r in rows}
+    k1 = by_arm["a/samoe-k1"]
+    assert k1["keeps_moe_gain"] == pytest.approx((3.05 - 2.9) / (3.05 - 2.85))
+    assert k1["gain_over_dense_se"] == pytest.approx(math.sqrt(statistics.stdev([3.0, 3.1]) ** 2 / 2
+                                                               + statistics.stdev([2.9, 2.95, 2.85]) ** 2 / 3))
+    assert k1["moe_params_ratio"] == pytest.approx(by_arm["a/moe"]["total_params"] / k1["total_params"])
+    assert k1["moe_params_ratio"] > 1.5  # a pool of one expert layer for the tiny preset's two MoE layers
+    assert by_arm["a/wide-dense"]["keeps_moe_gain"] == pytest.approx((3.05 - 3.1) / 0.2)  # worse than dense: < 0
+    assert "keeps_moe_gain" not in by_arm["b/samoe-k1"] and "keeps_moe_gain" not in by_arm["a/moe"]
+    text = path.read_text()
+    assert (f"**a/samoe-k1** keeps 75% of the standard MoE's val-loss gain over dense with "
+            f"{k1['moe_params_ratio']:.2f}x fewer total parameters than the MoE") in text
+    assert "**a/wide-dense** keeps -25%" in text and "the MoE's total parameters" in text
+
+
 def test_best_arms_are_the_three_lowest_losses_then_the_dense_ones_at_most_five():
     def arm(name, loss):
         return runs_table.Arm(name, [runs_table.Run(Path(name), {"val_loss": loss}, [], 1.0)])

@@ -23,16 +23,12 @@ from samoe.errors import DataError
 from samoe.fileio import read_cache, write_text_atomic
 from samoe.plots import pyplot
 from samoe.runs import CONFIG_FILE
-from samoe.study.runs_table import Arm, Run, base_name
+from samoe.study.runs_table import Arm, Run, base_name, corpus_of
 
 DIVERSITY_FILE = "diversity.json"
 MEASURES = {"unigram_entropy": "unigram entropy (bits/word)", "distinct_1": "distinct-1",
             "distinct_2": "distinct-2", "distinct_3": "distinct-3", "distinct_4": "distinct-4",
             "mattr": "MATTR", "compression_ratio": "compression ratio", "duplicate_rate": "duplicate rate"}
-
-
-def corpus_of(arm: str) -> str | None:
-    return arm.rsplit("/", 1)[0] if "/" in arm else None
 
 
 def training_documents(data: dict) -> list[str]:

@@ -23,7 +23,9 @@ same order, and a run that repeats no text is scored on each batch before it lea
 the windowed training loss is a paired held-out comparison over far more tokens than the
 in-training validation.
 
-With tasks (`--task`), the zero-shot scores of the best arms (samoe.study.zeroshot); for a study
+Where the study (or a corpus of it) has arms named `dense` and `moe`, each other arm's headline
+sentence: the share of the MoE's gain over dense it keeps, at how many total parameters
+(samoe.study.headline). With tasks (`--task`), the zero-shot scores of the best arms (samoe.study.zeroshot); for a study
 with corpora, SaMoE's gap to the standard MoE against corpus diversity (samoe.study.diversity).
 """
 
@@ -39,9 +41,10 @@ from samoe.errors import UserError
 from samoe.fileio import write_text_atomic
 from samoe.plots import pyplot, save_png
 from samoe.runs import METRICS_FILE, SUMMARY_FILE, read_json, read_metrics
-from samoe.study.diversity import corpus_of, format_poolsize, plot_gap_diversity, poolsize_rows
+from samoe.study.diversity import format_poolsize, plot_gap_diversity, poolsize_rows
 from samoe.study.grid import SPEED_FILE
-from samoe.study.runs_table import Arm, Run, mean_std
+from samoe.study.headline import format_headline, headline_rows
+from samoe.study.runs_table import Arm, Run, corpus_of, mean_std
 from samoe.study.zeroshot import ZEROSHOT_BEST, ZEROSHOT_MAX_ARMS, format_zeroshot, parse_tasks, zeroshot_rows
 
 
@@ -271,6 +274,14 @@ def _finished_sections(root: Path, arms: list[Arm], names: list[str], limit: int
     text += [f"At equal training time ({t:,.0f} s, when the first arm finished; val loss interpolated between "
              "evaluations):", "", "| arm | val loss at equal time |", "| --- | ---: |"]
     text += [f"| {r['arm']} | {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} |" for r in timed]
+    headline = headline_rows(arms)
+    if headline:
+        text += ["", "## Against dense and the standard MoE", "",
+                 "Per step (equal tokens), final val loss: each arm's share of the gain of `moe` over `dense`, "
+                 "and its total parameters against `moe`'s.", "", format_headline(headline)]
+        by_arm = {r["arm"]: r for r in rows}
+        for h in headline:
+            by_arm[h["arm"]].update({k: v for k, v in h.items() if k not in ("arm", "seeds")})
     if zeroshot:
         items = f"the first {limit:,} items of each task" if limit is not None else "every item of each task"
         text += ["", "## Zero-shot scores of the best arms", "",

@@ -53,3 +53,8 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def base_name(arm: str) -> str:
     """The arm's own name, without its corpus."""
     return arm.rsplit("/", 1)[-1]
+
+
+def corpus_of(arm: str) -> str | None:
+    """The arm's corpus (None in a study without corpora)."""
+    return arm.rsplit("/", 1)[0] if "/" in arm else None
