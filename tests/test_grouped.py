@@ -1,6 +1,7 @@
 """The grouped expert FFN (sorted fast path, hand-written backward) against plain autograd on
 the materialised weights: private stacks and SaMoE pools, both granularities, both
-activations, capacity and dropless routing, empty experts, and bf16 autocast."""
+activations, capacity and dropless routing, empty experts, and bf16 autocast; with the loop
+over experts (float64, odd widths) and with torch._grouped_mm (fp32, 16-byte rows)."""
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ import samoe.moe.dispatch as dispatch_mod
 from samoe.config import load_config
 from samoe.model.ffn import activate
 from samoe.model.gpt import GPT
-from samoe.moe.grouped import ExpertSource, grouped_expert_ffn
+from samoe.moe.grouped import ExpertSource, grouped_expert_ffn, grouped_gemm_offsets
 
 D, F_, E, K = 6, 5, 4, 3
 
@@ -29,10 +30,10 @@ def reference(x, counts, source, activation):
     return torch.cat(outs)
 
 
-def make_source(pool: str | None, activation: str, dtype=torch.float64) -> ExpertSource:
-    h = 2 * F_ if activation == "swiglu" else F_
+def make_source(pool: str | None, activation: str, dtype=torch.float64, d: int = D, f: int = F_) -> ExpertSource:
+    h = 2 * f if activation == "swiglu" else f
     lead = (K, E) if pool else (E,)
-    shapes = [(*lead, D, h), (*lead, h), (*lead, F_, D), (*lead, D)]
+    shapes = [(*lead, d, h), (*lead, h), (*lead, f, d), (*lead, d)]
     tensors = [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
     coef = None
     if pool:
@@ -62,6 +63,33 @@ def test_outputs_and_gradients_equal_autograd_on_the_materialised_weights(pool, 
     torch.testing.assert_close(y, y_ref)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, torch.zeros_like(g) if g_ref is None else g_ref)
+
+
+@pytest.mark.parametrize("pool", [None, "layer", "expert"])
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("counts", [[3, 0, 4, 2], [0, 0, 5, 0], [5, 7, 1, 3]])
+def test_the_grouped_gemm_path_equals_autograd_on_the_materialised_weights(pool, activation, counts):
+    """fp32 with 16-byte rows (d = 8, f = 16) takes torch._grouped_mm's single GEMM per pass."""
+    torch.manual_seed(0)
+    source = make_source(pool, activation, torch.float32, d=8, f=16)
+    x = torch.randn(sum(counts), 8, requires_grad=True)
+    assert grouped_gemm_offsets(x, counts, source.w1.shape[-1], source.w2.shape[-2]) is not None
+    gy = torch.randn(sum(counts), 8)
+    y = grouped_expert_ffn(x, counts, source, activation)
+    grads = torch.autograd.grad(y, [x, *leaves(source)], gy)
+    y_ref = reference(x, counts, source, activation)
+    grads_ref = torch.autograd.grad(y_ref, [x, *leaves(source)], gy, allow_unused=True)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, torch.zeros_like(g) if g_ref is None else g_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_the_loop_runs_what_the_grouped_gemm_cannot():
+    x = torch.randn(4, 8)
+    assert grouped_gemm_offsets(x, [4], 16, 16).tolist() == [4]
+    assert grouped_gemm_offsets(x.double(), [4], 16, 16) is None  # float64
+    assert grouped_gemm_offsets(x, [4], 5, 16) is None  # 20-byte rows
+    assert grouped_gemm_offsets(torch.randn(4, 6), [4], 16, 16) is None
 
 
 @pytest.mark.parametrize("pool", [None, "expert"])
