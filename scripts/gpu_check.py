@@ -12,7 +12,9 @@ writes $OUT/gpu_check.json. Parts:
 2. training: `samoe train --preset tiny --device cuda` in fp32 and bf16, and the bf16 run's
    checkpoint evaluated on the CPU;
 3. timing at larger shapes than the 2-core CPU allows: MoE (E = 16, 64) vs dense FFN and SaMoE
-   vs MoE layer fwd+bwd, medians of CUDA-synchronised repeats, fp32 and bf16.
+   vs MoE layer fwd+bwd, medians of CUDA-synchronised repeats, fp32 and bf16; in bf16 also the
+   MoE layer with torch._grouped_mm for its expert GEMMs (issue 16's comparison), which the
+   layer uses on CUDA only once part 1's "grouped_mm" rows have passed.
 
 Exit status 1 if a correctness check fails.
 """
@@ -37,11 +39,32 @@ from samoe.bench.layers import Shape, fwd_bwd, moe_model  # noqa: E402
 from samoe.config import load_config  # noqa: E402
 from samoe.model.ffn import FeedForward  # noqa: E402
 from samoe.model.gpt import GPT  # noqa: E402
+from samoe.moe import grouped  # noqa: E402
 from samoe.moe.grouped import ExpertSource, grouped_expert_ffn  # noqa: E402
 from test_grouped import reference  # noqa: E402
 
 
 def check_grouped(device: str, small: bool) -> list[dict]:
+    """The grouped FFN against the tests' float64 loop on the CPU, as the layer runs it on the
+    device (the loop over experts), and with torch._grouped_mm turned on for bf16 (rows
+    "grouped_mm": true), which the layer uses on CUDA only once this has passed."""
+    rows = []
+    for gemm in (False, True):
+        saved = dict(grouped.GROUPED_GEMM)
+        if gemm:
+            grouped.GROUPED_GEMM[device] = (torch.bfloat16,)
+        try:
+            rows += [{**r, "grouped_mm": gemm} for r in _check_grouped(device, small)
+                     if not gemm or r["dtype"] == "bfloat16"]
+        except Exception as e:  # noqa: BLE001 -- a device without grouped GEMMs: say so, check the rest
+            rows.append({"grouped_mm": gemm, "error": str(e)[:300], "ok": not gemm})
+        finally:
+            grouped.GROUPED_GEMM.clear()
+            grouped.GROUPED_GEMM.update(saved)
+    return rows
+
+
+def _check_grouped(device: str, small: bool) -> list[dict]:
     rows = []
     E, K, d, f = (4, 2, 16, 32) if small else (16, 2, 256, 1024)
     for activation in ("gelu", "swiglu"):
@@ -150,15 +173,37 @@ def timing(device: str, small: bool, repeats: int) -> list[dict]:
                 m.to(device)
                 cases[name] = fwd_bwd(m.moe_layers()[0], x, ids, m)
 
-            def autocast(fn):
+            def autocast(fn, gemm=False, dtype=dtype):
                 def step():
-                    with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
-                        fn()
+                    saved = grouped.GROUPED_GEMM.get(device)
+                    if gemm:  # the same layer with torch._grouped_mm for its expert GEMMs
+                        grouped.GROUPED_GEMM[device] = (torch.bfloat16,)
+                    try:
+                        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+                            fn()
+                    finally:
+                        grouped.GROUPED_GEMM.pop(device, None)
+                        if saved is not None:
+                            grouped.GROUPED_GEMM[device] = saved
                 return step
-            t = synced_medians({k: autocast(v) for k, v in cases.items()}, device, repeats)
-            rows.append({"tokens": shape.tokens, "d_model": shape.d_model, "hidden": shape.hidden, "dtype": dtype,
-                         "dense_ms": 1000 * t["dense"], "moe_vs_dense_e16": t["moe_e16"] / t["dense"],
-                         "moe_vs_dense_e64": t["moe_e64"] / t["dense"], "samoe_vs_moe": t["samoe_e16"] / t["moe_e16"]})
+            steps = {k: autocast(v) for k, v in cases.items()}
+            if dtype == "bfloat16":
+                steps.update({f"{k}_grouped_mm": autocast(cases[k], gemm=True) for k in ("moe_e16", "moe_e64")})
+            try:
+                t = synced_medians(steps, device, repeats)
+            except RuntimeError as e:  # the grouped GEMM not available here: time the rest
+                t = synced_medians({k: v for k, v in steps.items() if "grouped_mm" not in k}, device, repeats)
+                t["grouped_mm_error"] = str(e)[:300]
+            row = {"tokens": shape.tokens, "d_model": shape.d_model, "hidden": shape.hidden, "dtype": dtype,
+                   "dense_ms": 1000 * t["dense"], "moe_vs_dense_e16": t["moe_e16"] / t["dense"],
+                   "moe_vs_dense_e64": t["moe_e64"] / t["dense"], "samoe_vs_moe": t["samoe_e16"] / t["moe_e16"]}
+            for e in ("e16", "e64"):
+                if f"moe_{e}_grouped_mm" in t:
+                    row[f"moe_grouped_mm_vs_dense_{e}"] = t[f"moe_{e}_grouped_mm"] / t["dense"]
+                    row[f"moe_grouped_mm_vs_loop_{e}"] = t[f"moe_{e}_grouped_mm"] / t[f"moe_{e}"]
+            if "grouped_mm_error" in t:
+                row["grouped_mm_error"] = t["grouped_mm_error"]
+            rows.append(row)
             del models, cases, x
             if device == "cuda":
                 torch.cuda.empty_cache()

@@ -104,11 +104,17 @@ def _source_grad(w: Tensor, coef: Tensor | None, gcoef: Tensor | None, g: Tensor
     return gp
 
 
+# Where the FFN's GEMMs go through torch._grouped_mm: device type -> compute dtypes. CUDA (bf16
+# only, Hopper and later) is left out until a GPU session has checked it: scripts/gpu_check.py
+# adds it for its own checks and times it against the loop.
+GROUPED_GEMM = {"cpu": (torch.float32, torch.bfloat16)}
+
+
 def grouped_gemm_offsets(x: Tensor, counts: list[int], *widths: int) -> Tensor | None:
     """The experts' row offsets (int32 cumulative counts) when torch._grouped_mm can run the
-    FFN's GEMMs on x: on the CPU, fp32 or bf16, every width (d, h, and x's own) a 16-byte
-    multiple. None: the loop over experts runs them."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or not hasattr(torch, "_grouped_mm"):
+    FFN's GEMMs on x: a device and dtype of GROUPED_GEMM, every width (d, h, and x's own) a
+    16-byte multiple. None: the loop over experts runs them."""
+    if x.dtype not in GROUPED_GEMM.get(x.device.type, ()) or not hasattr(torch, "_grouped_mm"):
         return None
     if any(w * x.element_size() % 16 for w in (x.shape[1], *widths)):
         return None
