@@ -35,6 +35,7 @@ Under autocast the matmuls run in the autocast dtype; gradients return in the in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 from torch import Tensor
@@ -149,9 +150,9 @@ def _weight_grad(a: Tensor, g: Tensor, counts: list[int], offs: Tensor | None, o
     if offs is not None and out is None:
         return torch._grouped_mm(a.t(), g, offs=offs)
     if offs is not None:
-        E, step = len(counts), max(1, len(counts) // 4)
-        for s in range(0, E, step):
-            r0, r1 = (int(offs[s - 1]) if s else 0), int(offs[min(E, s + step) - 1])
+        starts, step = [0, *accumulate(counts)], max(1, len(counts) // 4)
+        for s in range(0, len(counts), step):
+            r0, r1 = starts[s], starts[min(len(counts), s + step)]
             out[s:s + step].copy_(torch._grouped_mm(a[r0:r1].t(), g[r0:r1], offs=offs[s:s + step] - r0))
         return out
     out = a.new_empty(len(counts), a.shape[1], g.shape[1]) if out is None else out
