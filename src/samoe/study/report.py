@@ -19,9 +19,10 @@ Runs still training (or stopped before their end: no summary.json yet, but evalu
 metrics.jsonl) get a section of their own: every run's val loss at each evaluation step so far,
 its mean training loss over each window of steps, and loss-steps-unfinished.png, so a study that
 takes several sessions can be read while it runs. Runs of one seed read the same batches in the
-same order, and a run that repeats no text is scored on each batch before it learns from it, so
-the windowed training loss is a paired held-out comparison over far more tokens than the
-in-training validation.
+same order and is scored on each batch before it learns from it, so the windowed training loss
+is a paired comparison over far more tokens than the in-training validation; it is held out only
+for text no earlier batch held (windows start at random offsets: a run reading a fraction r of
+its corpus has seen before about 1 - (1 - e^-r) / r of its tokens, a quarter at r = 0.65).
 
 Where the study (or a corpus of it) has arms named `dense` and `moe`, each other arm's headline
 sentence: the share of the MoE's gain over dense it keeps, at how many total parameters
@@ -328,8 +329,9 @@ def write_report(study_dir: str | Path, tasks: str | list[str] | None = None, li
                  f"{len(unfinished)} run(s) without a {SUMMARY_FILE} yet: val loss at each evaluation so far "
                  "(each run's in-training evaluation).", "", format_unfinished(unfinished), "",
                  f"Mean training loss over each window of {TRAIN_WINDOW:,} steps, by the window's last step (runs of "
-                 "one seed read the same batches; with no text repeated, each batch is scored before the model "
-                 "learns from it):", "", format_unfinished(train_windows)]
+                 "one seed read the same batches, each scored before the model learns from it; held out only for "
+                 "text that no earlier batch held, as windows start at random offsets):", "",
+                 format_unfinished(train_windows)]
         images.append(plot_unfinished(unfinished, root))
     text += [""] + [f"![{p.stem}]({p.name})" for p in images]
     path = root / "report.md"
