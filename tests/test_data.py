@@ -268,6 +268,24 @@ def test_spread_eval_windows_are_spaced_evenly_over_the_whole_split():
     assert torch.equal(*every)  # the whole split: both are every window, in order
 
 
+def test_epoch_sampling_reads_every_window_once_per_epoch_in_a_new_order():
+    stream = TokenStream(np.arange(1003, dtype=np.int64).astype(np.uint16))
+    m = (1003 - 10) // 10  # 99 windows per epoch
+    starts = [int(x[j, 0]) for step in range(2 * m // 3) for x, _ in [stream.epoch_batch(step, 3, 10, seed=7)]
+              for j in range(3)]
+    for epoch in (starts[:m], starts[m:2 * m]):
+        assert len({s % 10 for s in epoch}) == 1  # one phase per epoch: the windows tile the stream
+        assert sorted(epoch) == [epoch_start + 10 * i for i, epoch_start in enumerate([min(epoch)] * m)]
+        assert max(epoch) + 10 + 1 <= 1003  # the last target is in range
+    assert starts[:m] != starts[m:2 * m]
+    x, y = stream.epoch_batch(5, 3, 10, seed=7)
+    assert torch.equal(y[:, :-1], x[:, 1:])
+    # a function of (seed, step) alone: a fresh stream asked for step 40 first gives the same batch
+    again = TokenStream(stream.tokens).epoch_batch(40, 3, 10, seed=7)[0]
+    assert torch.equal(again, stream.epoch_batch(40, 3, 10, seed=7)[0])
+    assert not torch.equal(again, stream.epoch_batch(40, 3, 10, seed=8)[0])
+
+
 def test_short_stream_error():
     with pytest.raises(DataError, match="validation split has 5 tokens; seq_len 8 needs at least 9"):
         stream = TokenStream(np.zeros(5, dtype=np.uint16), name="validation split")

@@ -198,6 +198,25 @@ def test_coefficient_learning_rate_is_a_multiple_of_the_schedule():
     assert len(build_optimizer(model, cfg.train).param_groups) == 2  # scale 1: today's two groups
 
 
+def test_epoch_sampling_resumes_where_it_stopped(tmp_path, corpus, monkeypatch):
+    """data.sampling=epochs: each step reads TokenStream.epoch_batch(step) (a function of the seed
+    and the step, tests/test_data.py), also after --resume, so a resumed run reads the batches an
+    uninterrupted one would."""
+    from samoe.data.dataset import TokenStream
+    asked = []
+    real = TokenStream.epoch_batch
+
+    def recording(self, step, *args):
+        asked.append(step)
+        return real(self, step, *args)
+    monkeypatch.setattr(TokenStream, "epoch_batch", recording)
+    run = tmp_path / "run"
+    assert main(tiny_args(corpus, run, 10, "data.sampling=epochs")) == 0
+    assert main(["train", "--resume", "--out", str(run), "--quiet", "train.max_steps=15"]) == 0
+    assert asked == list(range(15))
+    assert read_metrics(run)[-1]["step"] == 15
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, corpus):
     one, acc = tmp_path / "one", tmp_path / "acc"

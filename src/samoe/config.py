@@ -29,6 +29,7 @@ POOL_INITS = ("uniform", "noisy", "cycle", "sequence")
 GRANULARITIES = ("layer", "expert")
 ACTIVATIONS = ("gelu", "swiglu")
 EVAL_WINDOWS = ("first", "spread")
+SAMPLINGS = ("random", "epochs")
 POSITIONS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
 RESIDUAL_GATES = ("softmax", "sigmoid")
@@ -136,6 +137,10 @@ class DataConfig:
     corpus: str = "stdlib"  # built-in corpus: stdlib (source files, 31 MB) | stdlib-docs (docstrings, 2.1 MB)
     tokenizer: str = "bpe"  # bpe | byte
     val_fraction: float = 0.05
+    # how training windows are drawn: "random" (a uniform random start for every window, so a run
+    # reading a fraction r of its corpus meets again about 1 - (1 - e^-r) / r of its tokens) or
+    # "epochs" (every epoch a shuffled set of non-overlapping windows: no text repeats within one)
+    sampling: str = "random"
 
 
 @dataclass
@@ -218,6 +223,7 @@ def validate(cfg: Config) -> Config:
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "a number in [0, 1)", m.dropout)
     _choice("model.activation", m.activation, ACTIVATIONS)
     _choice("train.eval_windows", t.eval_windows, EVAL_WINDOWS)
+    _choice("data.sampling", d.sampling, SAMPLINGS)
     _choice("model.positions", m.positions, POSITIONS)
     _choice("model.norm", m.norm, NORMS)
     _check(m.norm_eps > 0, "model.norm_eps", "a number > 0", m.norm_eps)

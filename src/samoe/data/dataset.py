@@ -53,6 +53,33 @@ class TokenStream:
         starts = torch.randint(len(self.tokens) - seq_len, (batch_size,), generator=generator)
         return self._windows(starts.numpy(), seq_len)
 
+    def epoch_batch(self, step: int, batch_size: int, seq_len: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y), each [batch_size, seq_len]: the windows of training step `step` when every epoch
+        reads each of M = (len - seq_len) // seq_len non-overlapping windows once, in a shuffled order.
+
+        Epoch k starts its windows at o_k + seq_len·i (i < M) with a phase o_k in [0, seq_len) and
+        reads them in the order of a random permutation, both drawn from a generator seeded with
+        (seed, k); step t takes the windows t·B ... t·B + B - 1 of the epochs read one after
+        another. A function of (seed, step) alone, so a resumed run reads what an uninterrupted
+        one would, with no sampler state to save."""
+        self._check(seq_len)
+        m = max(1, (len(self.tokens) - seq_len) // seq_len)
+        starts = np.empty(batch_size, dtype=np.int64)
+        for j, i in enumerate(range(step * batch_size, (step + 1) * batch_size)):
+            epoch, pos = divmod(i, m)
+            phase, order = self._epoch_order(epoch, m, seq_len, seed)
+            starts[j] = phase + seq_len * order[pos]
+        return self._windows(starts, seq_len)
+
+    def _epoch_order(self, epoch: int, m: int, seq_len: int, seed: int) -> tuple[int, np.ndarray]:
+        key = (epoch, m, seq_len, seed)
+        if getattr(self, "_epoch_key", None) != key:  # one epoch's order at a time is kept
+            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            room = len(self.tokens) - 1 - seq_len * m  # the phase keeps the last window's target in range
+            phase = int(torch.randint(min(seq_len, room + 1), (1,), generator=g))
+            self._epoch_key, self._epoch_value = key, (phase, torch.randperm(m, generator=g).numpy())
+        return self._epoch_value
+
     def num_eval_windows(self, seq_len: int, max_tokens: int | None = None) -> int:
         """Full windows used by eval_batches: (len - 1) // seq_len, capped at max_tokens // seq_len
         (but at least 1). The tail that does not fill a window is dropped."""

@@ -219,7 +219,10 @@ def train_step(tr: Trainer, hook: StepHook | None = None) -> dict:
     t0 = time.time()
     lr = lr_at(tr.step, t)  # looked up here, once per step (the SIGKILL test hooks it)
     set_lr(tr.optimizer, lr)
-    x, y = tr.train_data.sample_batch(t.batch_size, tr.cfg.model.block_size, tr.data_gen)  # the same on every process
+    if tr.cfg.data.sampling == "epochs":  # the same on every process
+        x, y = tr.train_data.epoch_batch(tr.step, t.batch_size, tr.cfg.model.block_size, t.seed)
+    else:
+        x, y = tr.train_data.sample_batch(t.batch_size, tr.cfg.model.block_size, tr.data_gen)
     reset_a2a_bytes(model)
     logs = all_mean(forward_backward(tr, x, y, hook), layout)
     if layout.ep is not None:
