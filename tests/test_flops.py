@@ -3,6 +3,7 @@ PF-days and all-to-all bytes, FLOPs-matched dense configs, the CLI and summary.j
 
 import json
 import random
+from unittest import mock
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from samoe.analysis.params import count_config_params
 from samoe.cli import main
 from samoe.config import load_config
 from samoe.model.gpt import GPT
+from samoe.moe import grouped
 
 B = 2  # sequences in the measured forward pass
 
@@ -27,13 +29,14 @@ def counted_flops_per_token(cfg) -> float:
 
     The MATH attention backend: FlopCounterMode has no formula for the fused CPU kernel and
     would count no attention scores at all; the math path's two bmms it counts over the full
-    S×S window, as flops.py does.
+    S×S window, as flops.py does. Likewise the experts' GEMMs run as the loop of per-expert mm
+    (GROUPED_GEMM emptied): FlopCounterMode has no formula for torch._grouped_mm.
     """
     torch.manual_seed(0)
     model = GPT(cfg.model).eval()
     idx = torch.randint(0, cfg.model.vocab_size, (B, cfg.model.block_size))
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), mock.patch.dict(grouped.GROUPED_GEMM, clear=True), counter:
         model(idx)
     return counter.get_total_flops() / idx.numel()
 
