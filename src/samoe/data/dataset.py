@@ -32,6 +32,7 @@ class TokenStream:
     def __init__(self, tokens: np.ndarray, name: str = "token stream"):
         self.tokens = tokens
         self.name = name
+        self._epoch: tuple[tuple, tuple[int, np.ndarray]] | None = None  # epoch_batch's current epoch
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -72,13 +73,14 @@ class TokenStream:
         return self._windows(starts, seq_len)
 
     def _epoch_order(self, epoch: int, m: int, seq_len: int, seed: int) -> tuple[int, np.ndarray]:
+        """(phase, window order) of one epoch; the last epoch asked for is kept."""
         key = (epoch, m, seq_len, seed)
-        if getattr(self, "_epoch_key", None) != key:  # one epoch's order at a time is kept
+        if self._epoch is None or self._epoch[0] != key:
             g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
             room = len(self.tokens) - 1 - seq_len * m  # the phase keeps the last window's target in range
             phase = int(torch.randint(min(seq_len, room + 1), (1,), generator=g))
-            self._epoch_key, self._epoch_value = key, (phase, torch.randperm(m, generator=g).numpy())
-        return self._epoch_value
+            self._epoch = key, (phase, torch.randperm(m, generator=g).numpy())
+        return self._epoch[1]
 
     def num_eval_windows(self, seq_len: int, max_tokens: int | None = None) -> int:
         """Full windows used by eval_batches: (len - 1) // seq_len, capped at max_tokens // seq_len
