@@ -378,8 +378,9 @@ def test_console_script_exit_status(tmp_path):
 
 def test_a_peer_leaving_on_ctrl_c_is_an_interruption_not_a_traceback(monkeypatch, capsys):
     """Under torchrun a process blocked in a collective sees its interrupted peer leave (a
-    RuntimeError) before its own Ctrl-C is raised; with that Ctrl-C pending, samoe says
-    "interrupted" and exits 130. Without one, the error is a real failure and propagates."""
+    RuntimeError) before its own Ctrl-C is raised; with that Ctrl-C pending, it exits 130
+    quietly (the launcher says "interrupted" once for all). Without one, a peer-left error exits
+    1 without a traceback (the peer reports why), and any other error propagates."""
     def peer_left(args):
         raise RuntimeError("Connection closed by peer")
     monkeypatch.setattr(cli_mod, "VERBS", [Verb("params", "", lambda p: None, peer_left)])
@@ -390,10 +391,17 @@ def test_a_peer_leaving_on_ctrl_c_is_an_interruption_not_a_traceback(monkeypatch
         raise KeyboardInterrupt
     monkeypatch.setattr(cli_mod, "run_pending_signal_handlers", pending_ctrl_c)
     assert cli_mod.main(["params"]) == 130
-    assert capsys.readouterr().err == "samoe: interrupted\n"
+    assert capsys.readouterr().err == ""
     monkeypatch.setattr(cli_mod, "run_pending_signal_handlers", lambda: None)
-    with pytest.raises(RuntimeError, match="closed by peer"):
+    assert cli_mod.main(["params"]) == 1
+    assert capsys.readouterr().err == ""
+
+    def failed(args):
+        raise RuntimeError("a real failure")
+    monkeypatch.setattr(cli_mod, "VERBS", [Verb("params", "", lambda p: None, failed)])
+    with pytest.raises(RuntimeError, match="a real failure"):
         cli_mod.main(["params"])
+    monkeypatch.setattr(cli_mod, "VERBS", [Verb("params", "", lambda p: None, peer_left)])
     monkeypatch.delenv("RANK")  # a single process does not wait for an interrupt: the error is real
     monkeypatch.setattr(cli_mod, "run_pending_signal_handlers", pending_ctrl_c)
     with pytest.raises(RuntimeError, match="closed by peer"):

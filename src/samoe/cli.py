@@ -132,29 +132,32 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `samoe params ... | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except Exception:
-        # On Ctrl-C torchrun's launcher stops its processes one after the other. One blocked in a
-        # collective may see its stopped peer leave, as a RuntimeError, before its own interrupt
-        # arrives, or while it is pending (C++ code ran; Python had no turn to raise it). Under
-        # torchrun, give the interrupt its turn and a moment to arrive: if it comes, this
-        # process was interrupted, it did not fail.
+    except Exception as e:
+        # On Ctrl-C a torchrun process blocked in a collective may see its stopped peer leave, as
+        # a RuntimeError, before its own interrupt arrives, or while it is pending (C++ code ran;
+        # Python had no turn to raise it), or after C++ code consumed it. Under torchrun, give
+        # the interrupt its turn and a moment to arrive: if it comes, this process was
+        # interrupted. If not, and the error only says that a peer left, the peer says why (its
+        # own traceback, or the launcher's "interrupted"): exit 1 without a second traceback.
         if "RANK" in os.environ:
             try:
                 run_pending_signal_handlers()
                 time.sleep(INTERRUPT_GRACE_S)
             except KeyboardInterrupt:
                 return interrupted()
+            if isinstance(e, RuntimeError) and any(s in str(e) for s in PEER_LEFT):
+                return 1
         raise
 
 
-# How long a failed torchrun process waits for a Ctrl-C on its way. 2 s was too short on a loaded
-# machine (the CI's clean clone beside three training processes: rank 1 reported its peer's exit
-# as a failure); a real failure under torchrun is reported this much later.
-INTERRUPT_GRACE_S = 10.0
+INTERRUPT_GRACE_S = 2.0  # how long a failed torchrun process waits for a Ctrl-C on its way
+PEER_LEFT = ("Connection closed by peer", "Connection reset by peer")  # gloo's words for a peer gone
 
 
 def interrupted() -> int:
-    if is_main_process():
+    """Exit status 130. A single process says "interrupted"; under torchrun the launcher says it
+    once for all (launch()), as the processes may not all see the Ctrl-C."""
+    if "RANK" not in os.environ:
         print("samoe: interrupted", file=sys.stderr)
     return 130
 

@@ -57,6 +57,7 @@ def launch(argv: list[str], nproc: int, cfg: Config) -> int:
     except ChildFailedError as e:
         codes = {f.exitcode for f in e.failures.values()}
         return EXIT_USER_ERROR if EXIT_USER_ERROR in codes else 1
-    except SignalException:  # Ctrl-C: the launcher has stopped the processes, which said so
+    except SignalException:  # Ctrl-C: the launcher has stopped the processes
+        print("samoe: interrupted", file=sys.stderr)
         return 130
     return 0
