@@ -214,6 +214,79 @@ def test_report_says_what_share_of_the_moe_gain_over_dense_each_arm_keeps(tmp_pa
     assert "**a/wide-dense** keeps -25%" in text and "the MoE's total parameters" in text
 
 
+def _whole_split(run_dir: Path, loss: float) -> None:
+    (run_dir / "eval-full.json").write_text(json.dumps({"val_loss": loss, "val_tokens": 1000, "steps": 4}))
+
+
+def test_report_compares_every_arm_with_dense_seed_by_seed_on_the_whole_split(tmp_path):
+    """Δ = mean(L_A) - mean(L_dense), Δ per shared seed, wins, the margin in the larger seed sd and
+    Welch's t, from the whole split's losses where every run of both arms has one, else from
+    training's last evaluation; the headline sentence follows the same rule."""
+    out = tmp_path / "out"
+    _fake_arms(out, {"dense": (["model.moe.enabled=false"], [3.0, 3.0, 3.0]),
+                     "moe": (["model.moe.sharing=private"], [2.9, 2.9, 2.9]),
+                     "samoe": ([], [2.95, 2.95]),
+                     "half-scored": ([], [2.0, 2.0])})
+    whole = {"dense": [3.10, 3.20, 3.30], "moe": [3.00, 3.05, 3.25], "samoe": [3.04, 3.16]}
+    for arm, losses in whole.items():
+        for seed, loss in enumerate(losses, 1):
+            _whole_split(out / arm / f"seed{seed}", loss)
+    _whole_split(out / "half-scored" / "seed1", 1.0)  # seed2 unscored: the arm compares on training's numbers
+    path, rows = report.write_report(out)
+    by_arm = {r["arm"]: r for r in rows}
+    moe = by_arm["moe"]["vs_dense"]
+    assert moe["loss_source"] == runs_table.WHOLE_SPLIT
+    assert moe["delta"] == pytest.approx(statistics.mean(whole["moe"]) - 3.2)
+    assert moe["delta_by_seed"] == pytest.approx({"seed1": -0.10, "seed2": -0.15, "seed3": -0.05})
+    assert moe["wins"] == 3
+    larger_sd = max(statistics.stdev(whole["moe"]), statistics.stdev(whole["dense"]))
+    assert moe["margin_in_sd"] == pytest.approx(-moe["delta"] / larger_sd)
+    assert moe["welch_t"] == pytest.approx(-moe["delta"] / math.sqrt(statistics.variance(whole["moe"]) / 3
+                                                                    + statistics.variance(whole["dense"]) / 3))
+    samoe = by_arm["samoe"]["vs_dense"]
+    assert samoe["delta_by_seed"] == pytest.approx({"seed1": -0.06, "seed2": -0.04})  # only its two seeds
+    assert samoe["delta"] == pytest.approx(3.10 - 3.20) and samoe["wins"] == 2
+    half = by_arm["half-scored"]["vs_dense"]
+    assert half["loss_source"] == runs_table.IN_TRAINING and half["delta"] == pytest.approx(-1.0)
+    assert by_arm["dense"]["val_loss_whole_split"] == pytest.approx(3.2)
+    assert math.isnan(by_arm["half-scored"]["val_loss_whole_split"])
+    assert by_arm["samoe"]["keeps_moe_gain"] == pytest.approx((3.2 - 3.10) / (3.2 - statistics.mean(whole["moe"])))
+    assert by_arm["half-scored"]["loss_source"] == runs_table.IN_TRAINING
+    text = path.read_text()
+    assert "## Against dense, seed by seed" in text
+    assert ("| moe | 3 | 3.1000 ± 0.1323 | 3.2000 ± 0.1000 | -0.1000 | 1: -0.100, 2: -0.150, 3: -0.050 "
+            "| 3 of 3 |") in text
+
+
+def test_study_eval_scores_each_finished_run_on_its_whole_split_once(tmp_path):
+    """`samoe study eval DIR` writes RUN/eval-full.json = `samoe eval RUN --max-tokens 0` for every
+    finished run, skips the runs that have one for their last step, and scores a run again
+    once it has trained further."""
+    corpus = _corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "out"
+    runs = [make_study_run(out / arm / "seed1", 3.0, [f"data.path={corpus}", "train.eval_tokens=128"], seed=i)
+            for i, arm in enumerate(("dense", "moe"))]
+    code, _, err = _run("study", "eval", out)
+    assert code == 0, err
+    assert "0 of 2 finished runs already scored" in err and "[2/2]" in err
+    for run in runs:
+        written = json.loads((run / "eval-full.json").read_text())
+        code, printed, err = _run("eval", run, "--max-tokens", "0", "--json")
+        assert code == 0, err
+        assert written == {**json.loads(printed), "steps": 4}
+        assert written["val_tokens"] > 128  # the whole split, not the run's eval_tokens
+    before = (runs[0] / "eval-full.json").stat().st_mtime_ns
+    code, _, err = _run("study", "eval", out)
+    assert code == 0 and "2 of 2 finished runs already scored" in err
+    assert (runs[0] / "eval-full.json").stat().st_mtime_ns == before
+    summary = json.loads((runs[1] / "summary.json").read_text())
+    (runs[1] / "summary.json").write_text(json.dumps({**summary, "steps": 6}))  # trained further since
+    code, _, err = _run("study", "eval", out)
+    assert code == 0 and "1 of 2 finished runs already scored" in err
+    assert json.loads((runs[1] / "eval-full.json").read_text())["steps"] == 6
+    assert_user_error(_run("study", "eval", tmp_path / "nowhere"), "nowhere")
+
+
 def test_best_arms_are_the_three_lowest_losses_then_the_dense_ones_at_most_five():
     def arm(name, loss):
         return runs_table.Arm(name, [runs_table.Run(Path(name), {"val_loss": loss}, [], 1.0)])

@@ -6,12 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from samoe.config import micro_batch
-from samoe.data.prepare import load_eval_stream, load_splits
 from samoe.errors import UserError
 from samoe.eval import tasks, zeroshot
-from samoe.eval.perplexity import evaluate
-from samoe.runs import autocast_for, load_trained
+from samoe.eval.run import RUN_DEFAULT, evaluate_run
 from samoe.verbs import check_at_least_one
 
 
@@ -39,15 +36,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return _zero_shot(args)
     if args.run_dir is None:
         raise UserError("samoe eval needs a run directory: samoe eval RUN_DIR [--task NAMES]")
-    cfg, model, tok = load_trained(args.run_dir, args.device or "auto")
-    stream = load_eval_stream(args.data, tok) if args.data else load_splits(cfg.data, cfg.model.vocab_size, tok).val
-    batch = micro_batch(cfg.train)
-    device = next(model.parameters()).device
-    max_tokens = cfg.train.eval_tokens if args.max_tokens is None else (args.max_tokens or None)
-    if max_tokens is not None and max_tokens < 0:
-        raise UserError(f"--max-tokens {args.max_tokens} is invalid; expected an integer >= 0 (0 = all)")
-    result = evaluate(model, stream, tok.token_bytes(), batch, max_tokens, autocast_for(cfg, device),
-                      spread=cfg.train.eval_windows == "spread")
+    max_tokens = RUN_DEFAULT if args.max_tokens is None else (args.max_tokens or None)
+    result = evaluate_run(args.run_dir, args.device or "auto", args.data, max_tokens)
     if args.json:
         print(json.dumps(result))
     else:

@@ -1,5 +1,6 @@
-"""The `samoe study` verbs: `run` (train a study file's grid of runs), `speed` (time every arm)
-and `report` (curves, the table of arms, optional zero-shot scores)."""
+"""The `samoe study` verbs: `run` (train a study file's grid of runs), `speed` (time every arm),
+`eval` (score every finished run on its whole validation split) and `report` (curves, the table
+of arms, the comparison with dense seed by seed, optional zero-shot scores)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from samoe.errors import UserError
 from samoe.fileio import write_text_atomic
 from samoe.study import grid as study
-from samoe.study import report
+from samoe.study import report, whole_split
 from samoe.verbs import Verb, check_at_least_one
 
 
@@ -80,6 +81,16 @@ def cmd_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("study_dir", help="a study directory (samoe study run --out)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    whole_split.evaluate_study(args.study_dir, args.device, log=_log)
+    return 0
+
+
 def report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("study_dir", help="a study directory (samoe study run --out)")
     p.add_argument("--json", action="store_true", help="print the table as JSON")
@@ -103,6 +114,8 @@ STUDY_VERBS = (
          run_args, cmd_run),
     Verb("speed", "OUT/speed.json: every arm's training tokens/s, timed round-robin on a quiet machine (study report "
          "then uses it for the per-second view)", speed_args, cmd_speed),
+    Verb("eval", "RUN/eval-full.json for every finished run: its whole validation split, dropless (study report "
+         "then compares arms on it)", eval_args, cmd_eval),
     Verb("report", "DIR/report.md, report.json and PNGs: curves over seeds, the table of arms", report_args,
          cmd_report),
 )

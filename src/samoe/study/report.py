@@ -3,7 +3,9 @@
 Runs are found by their summary.json anywhere under DIR; a run at DIR/[corpus/]arm/seed{s} belongs
 to arm `[corpus/]arm`. Per arm, over its seeds:
 
-- val loss / ppl / bpb: mean ± sample standard deviation (n - 1) of the final evaluations;
+- val loss / ppl / bpb: mean ± sample standard deviation (n - 1) of training's final
+  evaluations; beside them the whole validation split's val loss where every seed of the arm
+  has been scored on it (`samoe study eval`, RUN/eval-full.json);
 - tokens/s: the median over logged steps of each run (evaluation excluded), then the mean
   over seeds;
 - training time of a run: Σ over logged rows of (steps since the previous row) × tokens per
@@ -24,10 +26,13 @@ is a paired comparison over far more tokens than the in-training validation; it 
 for text no earlier batch held (windows start at random offsets: a run reading a fraction r of
 its corpus has seen before about 1 - (1 - e^-r) / r of its tokens, a quarter at r = 0.65).
 
-Where the study (or a corpus of it) has arms named `dense` and `moe`, each other arm's headline
-sentence: the share of the MoE's gain over dense it keeps, at how many total parameters
-(samoe.study.headline). With tasks (`--task`), the zero-shot scores of the best arms (samoe.study.zeroshot); for a study
-with corpora, SaMoE's gap to the standard MoE against corpus diversity (samoe.study.diversity).
+Where the study (or a corpus of it) has an arm named `dense`, every other arm against it seed by
+seed: Δ, the seeds it wins, the margin in seed standard deviations and Welch's t
+(samoe.study.against_dense); where it also has `moe`, each other arm's headline sentence: the
+share of the MoE's gain over dense it keeps, at how many total parameters (samoe.study.headline).
+Both use the whole split's losses where every compared run has one. With tasks (`--task`), the
+zero-shot scores of the best arms (samoe.study.zeroshot); for a study with corpora, SaMoE's gap
+to the standard MoE against corpus diversity (samoe.study.diversity).
 """
 
 from __future__ import annotations
@@ -42,10 +47,12 @@ from samoe.errors import UserError
 from samoe.fileio import write_text_atomic
 from samoe.plots import pyplot, save_png
 from samoe.runs import METRICS_FILE, SUMMARY_FILE, read_json, read_metrics
+from samoe.study.against_dense import against_dense_rows, format_against_dense
 from samoe.study.diversity import format_poolsize, plot_gap_diversity, poolsize_rows
 from samoe.study.grid import SPEED_FILE
 from samoe.study.headline import format_headline, headline_rows
 from samoe.study.runs_table import Arm, Run, corpus_of, mean_std
+from samoe.study.whole_split import full_eval
 from samoe.study.zeroshot import ZEROSHOT_BEST, ZEROSHOT_MAX_ARMS, format_zeroshot, parse_tasks, zeroshot_rows
 
 
@@ -60,7 +67,7 @@ def read_run(path: Path) -> Run:
         if "val_loss" in row:
             curve.append((row["step"], row["tokens"], seconds, row["val_loss"]))
     speed = statistics.median(r["tokens_per_s"] for r in rows) if rows else float("nan")
-    return Run(path, summary, curve, speed)
+    return Run(path, summary, curve, speed, full_eval(path))
 
 
 def apply_speed(arms: list[Arm], speed: dict) -> list[str]:
@@ -159,13 +166,15 @@ def arm_rows(arms: list[Arm]) -> list[dict]:
         ppl, ppl_sd = a.stat("val_ppl")
         bpb, bpb_sd = a.stat("val_bpb")
         s = a.runs[0].summary
+        full = mean_std([r.full["val_loss"] for r in a.runs]) if all(r.full for r in a.runs) else (math.nan, math.nan)
         out.append({"arm": a.name, "seeds": len(a.runs), "total_params": a.params["total"],
                     "active_params": a.params["active"], "steps": s["steps"], "tokens": s["tokens"],
                     "train_flops": s["train_flops"], "pf_days": s["pf_days"],
                     "tokens_per_s": statistics.mean(r.tokens_per_s for r in a.runs),
                     "train_s": statistics.mean(r.curve[-1][2] if r.curve else math.nan for r in a.runs),
                     "val_loss": loss, "val_loss_std": loss_sd, "val_ppl": ppl, "val_ppl_std": ppl_sd,
-                    "val_bpb": bpb, "val_bpb_std": bpb_sd})
+                    "val_bpb": bpb, "val_bpb_std": bpb_sd,
+                    "val_loss_whole_split": full[0], "val_loss_whole_split_std": full[1]})
     return out
 
 
@@ -192,13 +201,15 @@ def equal_time_rows(arms: list[Arm]) -> tuple[float, list[dict]]:
 
 def format_table(rows: list[dict]) -> str:
     head = ("| arm | seeds | total params | active params | train FLOPs | PF-days | tokens/s | train s "
-            "| val loss | val ppl | val bpb |\n| --- |" + " ---: |" * 10)
+            "| val loss | val ppl | val bpb | val loss, whole split |\n| --- |" + " ---: |" * 11)
     lines = [head]
     for r in rows:
         lines.append(f"| {r['arm']} | {r['seeds']} | {r['total_params']:,} | {r['active_params']:,} "
                      f"| {r['train_flops']:.3g} | {r['pf_days']:.3g} | {r['tokens_per_s']:,.0f} | {r['train_s']:,.0f} "
                      f"| {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} | {r['val_ppl']:.2f} ± {r['val_ppl_std']:.2f} "
-                     f"| {r['val_bpb']:.4f} ± {r['val_bpb_std']:.4f} |")
+                     f"| {r['val_bpb']:.4f} ± {r['val_bpb_std']:.4f} | "
+                     + ("" if math.isnan(r["val_loss_whole_split"]) else
+                        f"{r['val_loss_whole_split']:.4f} ± {r['val_loss_whole_split_std']:.4f}") + " |")
     return "\n".join(lines)
 
 
@@ -269,12 +280,22 @@ def _finished_sections(root: Path, arms: list[Arm], names: list[str], limit: int
                       "machine" + (f"; arms without a measured speed keep their logged one: {', '.join(missing)}."
                                    if missing else "."))
     images = plot(arms, root)
-    text += ["Generated by `samoe study report`. Final validation metrics are mean ± std over seeds; "
+    text += ["Generated by `samoe study report`. Final validation metrics are mean ± std over seeds (val loss, "
+             "ppl and bpb from training's last evaluation; the whole split's from `samoe study eval`, where "
+             "every seed has one); "
              + speed_note, "", format_table(rows), ""]
     t, timed = equal_time_rows(arms)
     text += [f"At equal training time ({t:,.0f} s, when the first arm finished; val loss interpolated between "
              "evaluations):", "", "| arm | val loss at equal time |", "| --- | ---: |"]
     text += [f"| {r['arm']} | {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} |" for r in timed]
+    versus = against_dense_rows(arms)
+    if versus:
+        text += ["", "## Against dense, seed by seed", "",
+                 "Per step (equal tokens): each arm's final val loss against the `dense` arm's.", "",
+                 format_against_dense(versus)]
+        by_arm = {r["arm"]: r for r in rows}
+        for v in versus:
+            by_arm[v["arm"]].update(vs_dense={k: x for k, x in v.items() if k not in ("arm", "seeds")})
     headline = headline_rows(arms)
     if headline:
         text += ["", "## Against dense and the standard MoE", "",

@@ -1,7 +1,8 @@
 """Run and Arm: a study's finished runs grouped by arm, and the mean ± sample std over seeds.
 
 mean_std(x) = (mean(x), sqrt(Σ (x_i - mean)^2 / (n - 1))), the std 0 for a single value and both
-nan if any value is nan. Shared by samoe.study.report, .zeroshot and .diversity.
+nan if any value is nan. Shared by samoe.study.report, .headline, .against_dense, .zeroshot and
+.diversity.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ class Run:
     summary: dict
     curve: list[tuple[int, int, float, float]]  # (step, tokens, seconds, val_loss)
     tokens_per_s: float
+    full: dict | None = None  # its whole validation split's evaluation (samoe study eval), if any
+
+    @property
+    def seed(self) -> str:
+        """The run directory's name: seed{s} in a study."""
+        return self.path.name
 
 
 @dataclass
@@ -41,6 +48,18 @@ class Arm:
             m, sd = mean_std([c[3] for c in rows])
             out.append((rows[0][1], statistics.mean(c[2] for c in rows), m, sd, len(rows)))
         return out
+
+
+WHOLE_SPLIT, IN_TRAINING = "whole validation split", "training's last evaluation"
+
+
+def final_losses(*arms: Arm) -> tuple[list[list[float]], str]:
+    """Each arm's final val loss per run, and where it comes from: the whole validation split
+    when every run of every given arm has been scored on it (samoe study eval), else training's
+    last evaluation, so that compared arms are always measured alike."""
+    if all(r.full is not None for a in arms for r in a.runs):
+        return [[r.full["val_loss"] for r in a.runs] for a in arms], WHOLE_SPLIT
+    return [[r.summary["val_loss"] for r in a.runs] for a in arms], IN_TRAINING
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
