@@ -125,6 +125,36 @@ def test_run_skips_finished_runs_resumes_partial_ones_and_reports(tmp_path):
     assert "| small/dense | 2 |" in path.read_text() and "At equal training time" in path.read_text()
 
 
+def test_time_limit_starts_only_the_runs_their_arms_logged_speed_says_will_finish(tmp_path):
+    """--time-limit: dense's seed 2 is priced by seed 1's logged tokens/s (1,000: make_study_run)
+    at its 4 x 4 x 64 tokens, plus evaluation, just over a second, so a one-second limit does
+    not start it; moe has no run logged yet, so nothing prices it and it trains."""
+    study = _study(tmp_path)
+    out = tmp_path / "out"
+    make_study_run(out / "small" / "dense" / "seed1", 3.0)
+    cells = {c.name: c for c in grid.load_study(study, out)}
+    assert grid.seconds_left(cells["small/dense/seed2"]) == pytest.approx(4 * 4 * 64 / 1000 * grid.EVAL_OVERHEAD)
+    assert grid.seconds_left(cells["small/moe/seed5"]) is None
+    code, _, err = _run("study", "run", study, "--out", out, "--time-limit", "1s")
+    assert code == 0, err
+    assert "small/dense/seed2: not started: needs about 0m01s" in err
+    assert "1 run(s) not started within --time-limit: small/dense/seed2" in err
+    assert not (out / "small" / "dense" / "seed2").exists()
+    assert cells["small/moe/seed5"].state() == "done"
+
+
+@pytest.mark.parametrize("text,seconds", [("2h30m", 9000), ("90m", 5400), ("1.5h", 5400), ("45s", 45),
+                                          ("1h0m30s", 3630)])
+def test_durations_are_hours_minutes_seconds(text, seconds):
+    assert grid.parse_duration(text) == seconds
+
+
+def test_a_bad_time_limit_is_one_line_and_exit_2_before_any_run(tmp_path):
+    assert_user_error(_run("study", "run", _study(tmp_path), "--out", tmp_path / "out", "--time-limit", "soon"),
+                      "--time-limit", "soon")
+    assert not (tmp_path / "out").exists()
+
+
 def test_dry_run_prints_the_grid_and_trains_nothing(tmp_path):
     code, out, err = _run("study", "run", _study(tmp_path), "--out", tmp_path / "out", "--dry-run")
     assert code == 0, err

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 from samoe.errors import UserError
@@ -28,6 +29,9 @@ def run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the grid with parameters and FLOPs; train nothing")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1)")
     p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs)")
+    p.add_argument("--time-limit", metavar="DURATION", help="start no run that cannot finish within DURATION "
+                   "(e.g. 2h30m) of now, priced at the tokens/s its arm's runs have logged; runs already "
+                   "started are not stopped")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -40,11 +44,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                             f"{', '.join(dict.fromkeys(c.arm for c in cells))}")
         cells = [c for c in cells if c.arm in names]
     check_at_least_one(args, "jobs", "threads")
+    deadline = time.time() + study.parse_duration(args.time_limit) if args.time_limit is not None else None
     if args.dry_run:
         _print_dry_run(cells, args.jobs, args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
         return 0
     study.check_data(cells)
-    failed = study.run_cells(cells, Path(args.out), args.jobs, args.threads, log=_log)
+    failed = study.run_cells(cells, Path(args.out), args.jobs, args.threads, log=_log, deadline=deadline)
     return 1 if failed else 0
 
 

@@ -26,6 +26,8 @@ continues from its latest checkpoint exactly as an uninterrupted run would.
 from __future__ import annotations
 
 import os
+import re
+import statistics
 import subprocess
 import sys
 import time
@@ -40,8 +42,8 @@ from samoe.analysis.params import count_config_params
 from samoe.bench.timing import interleaved_medians
 from samoe.bench.training import train_step
 from samoe.config import Config, load_config
-from samoe.errors import ConfigError
-from samoe.runs import SUMMARY_FILE, read_json
+from samoe.errors import ConfigError, UserError
+from samoe.runs import METRICS_FILE, SUMMARY_FILE, read_json, read_metrics
 from samoe.train.checkpoint import LATEST
 
 
@@ -208,11 +210,40 @@ def format_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+def parse_duration(text: str) -> float:
+    """Seconds of a duration written as hours, minutes and seconds: 2h30m, 90m, 1.5h, 45s."""
+    m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text.strip())
+    if not text.strip() or m is None:
+        raise UserError(f"--time-limit {text!r} is not a duration; expected hours, minutes and seconds "
+                        "such as 2h30m, 90m or 45s")
+    h, mi, sec = (float(g) if g else 0.0 for g in m.groups())
+    return 3600 * h + 60 * mi + sec
+
+
+EVAL_OVERHEAD = 1.05  # evaluations and checkpoints, on top of the training steps' logged time
+
+
+def seconds_left(cell: Cell) -> float | None:
+    """The training time the cell still needs, at the median tokens/s that the runs of its arm
+    (every seed's, in this study directory) have logged so far, with EVAL_OVERHEAD; None when no
+    run of the arm has logged a step yet. Speeds logged on another machine, or with other --jobs
+    and --threads, price the run as it ran there."""
+    speeds = [r["tokens_per_s"] for m in sorted(cell.run_dir.parent.glob(f"seed*/{METRICS_FILE}"))
+              for r in read_metrics(m.parent) if r.get("tokens_per_s")]
+    if not speeds:
+        return None
+    rows = read_metrics(cell.run_dir) if (cell.run_dir / METRICS_FILE).is_file() else []
+    done = rows[-1]["tokens"] if rows and cell.state() == "partial" else 0
+    return (cell.tokens - done) / statistics.median(speeds) * EVAL_OVERHEAD
+
+
 def run_cells(cells: list[Cell], out: Path, jobs: int = 1, threads: int | None = None,
-              log=print) -> list[Cell]:
+              log=print, deadline: float | None = None) -> list[Cell]:
     """Train every unfinished cell, `jobs` at a time, each with `threads` torch threads
     (default: the cores shared out evenly). One line per finished run, with the ETA of the
-    grid from the tokens/s measured so far. Returns the cells that failed."""
+    grid from the tokens/s measured so far. With a `deadline` (time.time() seconds), a run
+    that seconds_left says cannot finish by then is not started (a shorter one behind it may
+    be); runs already training are never stopped. Returns the cells that failed."""
     # seed-major: every arm's first seed before any arm's second, so a grid stopped early
     # still compares every arm
     rank = {c.name: (c.arm_seeds.index(c.seed), i) for i, c in enumerate(cells)}
@@ -224,12 +255,18 @@ def run_cells(cells: list[Cell], out: Path, jobs: int = 1, threads: int | None =
     log(f"{len(cells) - len(todo)} of {len(cells)} runs done; {len(todo)} to run, {jobs} at a time, "
         f"{threads} thread(s) each")
     running: list[tuple[Cell, subprocess.Popen, float, object]] = []
-    failed, finished_tokens, busy_s, total = [], 0, 0.0, len(todo)
+    failed, not_started, finished_tokens, busy_s, total = [], [], 0, 0.0, len(todo)
     done_count = 0
     remaining = list(todo)
     while remaining or running:
         while remaining and len(running) < jobs:
             cell = remaining.pop(0)
+            need = seconds_left(cell) if deadline is not None else None
+            if need is not None and time.time() + need > deadline:
+                not_started.append(cell)
+                log(f"{cell.name}: not started: needs about {format_seconds(need)} at its arm's logged tokens/s, "
+                    f"{format_seconds(max(0.0, deadline - time.time()))} left of --time-limit")
+                continue
             handle = open(logs / (cell.name.replace("/", "-") + ".log"), "a")
             proc = subprocess.Popen(train_command(cell), stdout=handle, stderr=subprocess.STDOUT, env=env)
             running.append((cell, proc, time.time(), handle))
@@ -253,4 +290,7 @@ def run_cells(cells: list[Cell], out: Path, jobs: int = 1, threads: int | None =
             eta = left / max(finished_tokens / busy_s, 1e-9) / jobs
             log(f"[{done_count}/{total}] {cell.name}: val_loss {summary['val_loss']:.4f} "
                 f"(ppl {summary['val_ppl']:.2f}) in {format_seconds(wall)}; grid ETA {format_seconds(eta)}")
+    if not_started:
+        log(f"{len(not_started)} run(s) not started within --time-limit: "
+            f"{', '.join(c.name for c in not_started)}; run the study again to train them")
     return failed
