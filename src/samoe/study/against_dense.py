@@ -20,16 +20,13 @@ from __future__ import annotations
 
 import math
 
-from samoe.study.runs_table import Arm, base_name, corpus_of, final_losses, mean_std
+from samoe.study.runs_table import Arm, by_corpus, final_losses, mean_std
 
 
 def against_dense_rows(arms: list[Arm]) -> list[dict]:
     """One row per arm other than `dense`, in each group that has a `dense` arm."""
-    groups: dict[str | None, dict[str, Arm]] = {}
-    for a in arms:
-        groups.setdefault(corpus_of(a.name), {})[base_name(a.name)] = a
     rows = []
-    for named in groups.values():
+    for named in by_corpus(arms).values():
         if "dense" not in named:
             continue
         dense = named["dense"]

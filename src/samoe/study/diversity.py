@@ -23,7 +23,7 @@ from samoe.errors import DataError
 from samoe.fileio import read_cache, write_text_atomic
 from samoe.plots import pyplot
 from samoe.runs import CONFIG_FILE
-from samoe.study.runs_table import Arm, Run, base_name, corpus_of
+from samoe.study.runs_table import Arm, Run, base_name, by_corpus
 
 DIVERSITY_FILE = "diversity.json"
 MEASURES = {"unigram_entropy": "unigram entropy (bits/word)", "distinct_1": "distinct-1",
@@ -89,12 +89,10 @@ def poolsize_rows(root: Path, arms: list[Arm]) -> tuple[list[dict], dict[str, di
     """(per SaMoE arm of each corpus: its gap to the corpus's moe arm; per corpus: its data and
     diversity; notes on what is left out). Empty when the study has no corpus with an arm `moe`
     and arms `samoe-k*`."""
-    by_corpus: dict[str, dict[str, Arm]] = {}
-    for a in arms:
-        if corpus_of(a.name) is not None:
-            by_corpus.setdefault(corpus_of(a.name), {})[base_name(a.name)] = a
     gaps, corpora, notes = [], {}, []
-    for corpus, named in by_corpus.items():
+    for corpus, named in by_corpus(arms).items():
+        if corpus is None:
+            continue
         samoe = [a for n, a in sorted(named.items()) if n.startswith("samoe-k")]
         if not samoe:
             continue

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from samoe.study.runs_table import Arm, base_name, corpus_of, final_losses, mean_std
+from samoe.study.runs_table import Arm, by_corpus, final_losses, mean_std
 
 
 def _gain(dense: list[float], arm: list[float]) -> tuple[float, float]:
@@ -30,11 +30,8 @@ def _gain(dense: list[float], arm: list[float]) -> tuple[float, float]:
 
 def headline_rows(arms: list[Arm]) -> list[dict]:
     """One row per arm other than `dense` and `moe`, in each group that has both."""
-    groups: dict[str | None, dict[str, Arm]] = {}
-    for a in arms:
-        groups.setdefault(corpus_of(a.name), {})[base_name(a.name)] = a
     rows = []
-    for named in groups.values():
+    for named in by_corpus(arms).values():
         if "dense" not in named or "moe" not in named:
             continue
         for name, a in named.items():

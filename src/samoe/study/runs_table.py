@@ -74,6 +74,14 @@ def base_name(arm: str) -> str:
     return arm.rsplit("/", 1)[-1]
 
 
+def by_corpus(arms: list[Arm]) -> dict[str | None, dict[str, Arm]]:
+    """The arms of each corpus (None in a study without corpora), by their own names."""
+    groups: dict[str | None, dict[str, Arm]] = {}
+    for a in arms:
+        groups.setdefault(corpus_of(a.name), {})[base_name(a.name)] = a
+    return groups
+
+
 def corpus_of(arm: str) -> str | None:
     """The arm's corpus (None in a study without corpora)."""
     return arm.rsplit("/", 1)[0] if "/" in arm else None
