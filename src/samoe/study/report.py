@@ -22,9 +22,11 @@ metrics.jsonl) get a section of their own: every run's val loss at each evaluati
 its mean training loss over each window of steps, and loss-steps-unfinished.png, so a study that
 takes several sessions can be read while it runs. Runs of one seed read the same batches in the
 same order and is scored on each batch before it learns from it, so the windowed training loss
-is a paired comparison over far more tokens than the in-training validation; it is held out only
-for text no earlier batch held (windows start at random offsets: a run reading a fraction r of
-its corpus has seen before about 1 - (1 - e^-r) / r of its tokens, a quarter at r = 0.65).
+is a paired comparison over far more tokens than the in-training validation; it is held out for
+text no earlier batch held: all of it within a run's first epoch with `data.sampling=epochs`
+(the presets'), and with random offsets (`data.sampling=random`) all but about
+1 - (1 - e^-r) / r of the tokens of a run that reads a fraction r of its corpus (a quarter at
+r = 0.65).
 
 Where the study (or a corpus of it) has an arm named `dense`, every other arm against it seed by
 seed: Δ, the seeds it wins, the margin in seed standard deviations and Welch's t
@@ -350,8 +352,9 @@ def write_report(study_dir: str | Path, tasks: str | list[str] | None = None, li
                  f"{len(unfinished)} run(s) without a {SUMMARY_FILE} yet: val loss at each evaluation so far "
                  "(each run's in-training evaluation).", "", format_unfinished(unfinished), "",
                  f"Mean training loss over each window of {TRAIN_WINDOW:,} steps, by the window's last step (runs of "
-                 "one seed read the same batches, each scored before the model learns from it; held out only for "
-                 "text that no earlier batch held, as windows start at random offsets):", "",
+                 "one seed read the same batches, each scored before the model learns from it; held out for text "
+                 "that no earlier batch held: all of a first epoch with data.sampling=epochs, not all with random "
+                 "offsets):", "",
                  format_unfinished(train_windows)]
         images.append(plot_unfinished(unfinished, root))
     text += [""] + [f"![{p.stem}]({p.name})" for p in images]
