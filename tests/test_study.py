@@ -23,7 +23,7 @@ from samoe.data.options import PrepareOptions
 from samoe.data.pipeline import prepare_dataset
 from samoe.data.shards import read_meta
 from samoe.errors import ConfigError
-from samoe.study import diversity, grid, report, runs_table, zeroshot
+from samoe.study import against_dense, diversity, grid, report, runs_table, zeroshot
 
 WORDS = "the cat sat on a mat while dogs ran past quick brown foxes and lazy birds sang".split()
 
@@ -286,6 +286,12 @@ def test_report_compares_every_arm_with_dense_seed_by_seed_on_the_whole_split(tm
     assert "## Against dense, seed by seed" in text
     assert ("| moe | 3 | 3.1000 ± 0.1323 | 3.2000 ± 0.1000 | -0.1000 | 1: -0.100, 2: -0.150, 3: -0.050 "
             "| 3 of 3 |") in text
+    # the gap by tokens, from the in-training curves (make_study_run: val loss + 0.1 per step before the end)
+    [(corpus, others, gaps)] = against_dense.gap_by_tokens(report.collect(out))
+    assert corpus is None and others == ["half-scored", "moe", "samoe"]
+    assert [(t, d) for t, d, _ in gaps] == [(512, pytest.approx(3.2)), (1024, pytest.approx(3.0))]
+    assert gaps[1][2] == pytest.approx([-1.0, -0.1, -0.05])
+    assert "| 1,024 | 3.0000 | -1.0000 | -0.1000 | -0.0500 |" in text
 
 
 def test_study_eval_scores_each_finished_run_on_its_whole_split_once(tmp_path):

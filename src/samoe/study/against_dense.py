@@ -62,3 +62,34 @@ def format_against_dense(rows: list[dict]) -> str:
               "same batches, so Δ by seed is paired; margin is the mean gain over dense in standard deviations of "
               "the larger of the two arms' seed spreads (issue 12's bar: more than 2)."]
     return "\n".join(lines)
+
+
+def gap_by_tokens(arms: list[Arm]) -> list[tuple[str | None, list[str], list[tuple[int, float, list[float]]]]]:
+    """Per group with a `dense` arm: the other arms' names, and at every token count where dense
+    and at least one of them evaluated (every seed: Arm.curve), (tokens, dense's mean val loss,
+    [each arm's mean minus dense's, nan where it has none]): whether the gap grows with tokens."""
+    out = []
+    for corpus, named in by_corpus(arms).items():
+        if "dense" not in named:
+            continue
+        others = [n for n in named if n != "dense"]
+        dense = {t: m for t, _, m, _, _ in named["dense"].curve()}
+        curves = {n: {t: m for t, _, m, _, _ in named[n].curve()} for n in others}
+        rows = [(t, dense[t], [curves[n][t] - dense[t] if t in curves[n] else math.nan for n in others])
+                for t in sorted(dense) if any(t in curves[n] for n in others)]
+        if rows:
+            out.append((corpus, others, rows))
+    return out
+
+
+def format_gap_by_tokens(groups) -> str:
+    parts = []
+    for corpus, others, rows in groups:
+        title = [f"Corpus `{corpus}`:", ""] if corpus else []
+        lines = ["| tokens | dense | " + " | ".join(f"{n} − dense" for n in others) + " |",
+                 "| ---: | ---: |" + " ---: |" * len(others)]
+        for t, d, gaps in rows:
+            lines.append(f"| {f'{t / 1e6:.2f}M' if t >= 1e6 else f'{t:,}'} | {d:.4f} | " + " | ".join("" if math.isnan(g) else f"{g:+.4f}"
+                                                                      for g in gaps) + " |")
+        parts.append("\n".join(title + lines))
+    return "\n\n".join(parts)

@@ -49,7 +49,7 @@ from samoe.errors import UserError
 from samoe.fileio import write_text_atomic
 from samoe.plots import pyplot, save_png
 from samoe.runs import METRICS_FILE, SUMMARY_FILE, read_json, read_metrics
-from samoe.study.against_dense import against_dense_rows, format_against_dense
+from samoe.study.against_dense import against_dense_rows, format_against_dense, format_gap_by_tokens, gap_by_tokens
 from samoe.study.diversity import format_poolsize, plot_gap_diversity, poolsize_rows
 from samoe.study.grid import SPEED_FILE
 from samoe.study.headline import format_headline, headline_rows
@@ -294,7 +294,10 @@ def _finished_sections(root: Path, arms: list[Arm], names: list[str], limit: int
     if versus:
         text += ["", "## Against dense, seed by seed", "",
                  "Per step (equal tokens): each arm's final val loss against the `dense` arm's.", "",
-                 format_against_dense(versus)]
+                 format_against_dense(versus), "",
+                 "In-training validation at each evaluation every seed made (mean over seeds): dense's val loss "
+                 "and each arm's difference from it, by training tokens.", "",
+                 format_gap_by_tokens(gap_by_tokens(arms))]
         by_arm = {r["arm"]: r for r in rows}
         for v in versus:
             by_arm[v["arm"]].update(vs_dense={k: x for k, x in v.items() if k not in ("arm", "seeds")})
