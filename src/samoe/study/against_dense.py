@@ -89,7 +89,8 @@ def format_gap_by_tokens(groups) -> str:
         lines = ["| tokens | dense | " + " | ".join(f"{n} − dense" for n in others) + " |",
                  "| ---: | ---: |" + " ---: |" * len(others)]
         for t, d, gaps in rows:
-            lines.append(f"| {f'{t / 1e6:.2f}M' if t >= 1e6 else f'{t:,}'} | {d:.4f} | " + " | ".join("" if math.isnan(g) else f"{g:+.4f}"
-                                                                      for g in gaps) + " |")
+            tokens = f"{t / 1e6:.2f}M" if t >= 1e6 else f"{t:,}"
+            cells = ["" if math.isnan(g) else f"{g:+.4f}" for g in gaps]
+            lines.append(f"| {tokens} | {d:.4f} | " + " | ".join(cells) + " |")
         parts.append("\n".join(title + lines))
     return "\n\n".join(parts)
