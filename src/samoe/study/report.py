@@ -45,7 +45,6 @@ import statistics
 from pathlib import Path
 from typing import Callable
 
-from samoe.errors import UserError
 from samoe.fileio import write_text_atomic
 from samoe.plots import pyplot, save_png
 from samoe.runs import METRICS_FILE, SUMMARY_FILE, read_json, read_metrics
@@ -53,7 +52,7 @@ from samoe.study.against_dense import against_dense_rows, format_against_dense, 
 from samoe.study.diversity import format_poolsize, plot_gap_diversity, poolsize_rows
 from samoe.study.grid import SPEED_FILE
 from samoe.study.headline import format_headline, headline_rows
-from samoe.study.runs_table import Arm, Run, corpus_of, mean_std
+from samoe.study.runs_table import WHOLE_SPLIT, Arm, Run, corpus_of, final_losses, finished_run_dirs, mean_std
 from samoe.study.whole_split import full_eval
 from samoe.study.zeroshot import ZEROSHOT_BEST, ZEROSHOT_MAX_ARMS, format_zeroshot, parse_tasks, zeroshot_rows
 
@@ -69,7 +68,7 @@ def read_run(path: Path) -> Run:
         if "val_loss" in row:
             curve.append((row["step"], row["tokens"], seconds, row["val_loss"]))
     speed = statistics.median(r["tokens_per_s"] for r in rows) if rows else float("nan")
-    return Run(path, summary, curve, speed, full_eval(path))
+    return Run(path, summary, curve, speed, full_eval(path, summary["steps"]))
 
 
 def apply_speed(arms: list[Arm], speed: dict) -> list[str]:
@@ -91,16 +90,11 @@ def apply_speed(arms: list[Arm], speed: dict) -> list[str]:
 def collect(study_dir: str | Path, allow_empty: bool = False) -> list[Arm]:
     """The arms of a study directory's finished runs, in sorted order of their names."""
     root = Path(study_dir)
-    if not root.is_dir():
-        raise UserError(f"study directory '{root}' does not exist")
     arms: dict[str, Arm] = {}
-    for summary in sorted(root.rglob(SUMMARY_FILE)):
-        run_dir = summary.parent
+    for run_dir in finished_run_dirs(root, allow_empty):
         rel = run_dir.relative_to(root).parts
         name = "/".join(rel[:-1]) if len(rel) > 1 and rel[-1].startswith("seed") else "/".join(rel)
         arms.setdefault(name, Arm(name)).runs.append(read_run(run_dir))
-    if not arms and not allow_empty:
-        raise UserError(f"'{root}' holds no finished runs (no {SUMMARY_FILE} below it)")
     return [arms[k] for k in sorted(arms)]
 
 
@@ -168,7 +162,8 @@ def arm_rows(arms: list[Arm]) -> list[dict]:
         ppl, ppl_sd = a.stat("val_ppl")
         bpb, bpb_sd = a.stat("val_bpb")
         s = a.runs[0].summary
-        full = mean_std([r.full["val_loss"] for r in a.runs]) if all(r.full for r in a.runs) else (math.nan, math.nan)
+        (whole,), source = final_losses(a)
+        full = mean_std(whole) if source == WHOLE_SPLIT else (math.nan, math.nan)
         out.append({"arm": a.name, "seeds": len(a.runs), "total_params": a.params["total"],
                     "active_params": a.params["active"], "steps": s["steps"], "tokens": s["tokens"],
                     "train_flops": s["train_flops"], "pf_days": s["pf_days"],

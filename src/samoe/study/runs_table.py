@@ -12,6 +12,21 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from samoe.errors import UserError
+from samoe.runs import SUMMARY_FILE
+
+
+def finished_run_dirs(study_dir: str | Path, allow_empty: bool = False) -> list[Path]:
+    """Every run directory below study_dir with a summary.json, sorted; a UserError for a
+    directory that does not exist, or (unless allow_empty) holds no finished run."""
+    root = Path(study_dir)
+    if not root.is_dir():
+        raise UserError(f"study directory '{root}' does not exist")
+    runs = sorted(p.parent for p in root.rglob(SUMMARY_FILE))
+    if not runs and not allow_empty:
+        raise UserError(f"'{root}' holds no finished runs (no {SUMMARY_FILE} below it)")
+    return runs
+
 
 @dataclass
 class Run:

@@ -16,22 +16,21 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from samoe.errors import UserError
 from samoe.eval.run import evaluate_run
 from samoe.fileio import write_text_atomic
 from samoe.runs import SUMMARY_FILE, read_json
+from samoe.study.runs_table import finished_run_dirs
 
 FULL_EVAL_FILE = "eval-full.json"
 
 
-def full_eval(run_dir: Path) -> dict | None:
-    """The run's whole-split evaluation, or None when it has none for its last step (files
-    written before the step was recorded count as the run's)."""
+def full_eval(run_dir: Path, steps: int) -> dict | None:
+    """The run's whole-split evaluation, or None when it has none for its last step, `steps`
+    (files written before the step was recorded count as the run's)."""
     path = run_dir / FULL_EVAL_FILE
     if not path.is_file():
         return None
     result = read_json(path)
-    steps = read_json(run_dir / SUMMARY_FILE)["steps"]
     return result if result.get("steps", steps) == steps else None
 
 
@@ -39,17 +38,14 @@ def evaluate_study(study_dir: str | Path, device: str = "auto", log: Callable[[s
     """Write eval-full.json for every finished run under study_dir that lacks one; returns the
     runs scored now."""
     root = Path(study_dir)
-    if not root.is_dir():
-        raise UserError(f"study directory '{root}' does not exist")
-    runs = sorted(p.parent for p in root.rglob(SUMMARY_FILE))
-    if not runs:
-        raise UserError(f"'{root}' holds no finished runs (no {SUMMARY_FILE} below it)")
-    todo = [r for r in runs if full_eval(r) is None]
+    runs = finished_run_dirs(root)
+    steps = {r: read_json(r / SUMMARY_FILE)["steps"] for r in runs}
+    todo = [r for r in runs if full_eval(r, steps[r]) is None]
     log(f"{len(runs) - len(todo)} of {len(runs)} finished runs already scored on the whole split; {len(todo)} to score")
     for i, run in enumerate(todo, 1):
         t0 = time.time()
         result = evaluate_run(run, device, max_tokens=None)
-        result["steps"] = read_json(run / SUMMARY_FILE)["steps"]
+        result["steps"] = steps[run]
         write_text_atomic(run / FULL_EVAL_FILE, json.dumps(result) + "\n")
         log(f"[{i}/{len(todo)}] {run.relative_to(root)}: val_loss {result['val_loss']:.4f} over "
             f"{result['val_tokens']:,} tokens in {time.time() - t0:.0f}s")
