@@ -89,9 +89,10 @@ def test_a_bad_study_file_is_one_error_naming_the_key(tmp_path, text, named):
 def test_run_skips_finished_runs_resumes_partial_ones_and_reports(tmp_path):
     study = _study(tmp_path)
     out = tmp_path / "out"
-    code, _, err = _run("study", "run", study, "--out", out, "--jobs", "2")
+    code, _, err = _run("study", "run", study, "--out", out, "--jobs", "2", "--progress-every", "0s")
     assert code == 0, err
     assert "0 of 3 runs done; 3 to run" in err and "[3/3]" in err and "grid ETA" in err
+    assert "in flight: small/dense/seed1 " in err  # every second, with --progress-every 0s
     first = {c.name: (c.run_dir / "metrics.jsonl").read_text() for c in grid.load_study(study, out)}
 
     code, _, err = _run("study", "run", study, "--out", out)  # nothing left to do
@@ -143,6 +144,20 @@ def test_time_limit_starts_only_the_runs_their_arms_logged_speed_says_will_finis
     assert cells["small/moe/seed5"].state() == "done"
 
 
+def test_progress_line_gives_each_run_in_flight_its_step_speed_and_time_left(tmp_path):
+    cells = {c.name: c for c in grid.load_study(_study(tmp_path, steps=100), tmp_path / "out")}
+    dense, moe = cells["small/dense/seed1"], cells["small/moe/seed5"]
+    dense.run_dir.mkdir(parents=True)
+    tokens_per_step = dense.cfg.train.batch_size * dense.cfg.model.block_size
+    rows = [{"step": s, "tokens": s * tokens_per_step, "loss": 5.0, "tokens_per_s": 1000.0 + s} for s in (10, 20)]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + '{"step": 30, "tok'  # caught mid-write
+    (dense.run_dir / "metrics.jsonl").write_text(text)
+    left = (100 - 20) * tokens_per_step / 1020.0
+    assert grid.in_flight_line([dense, moe]) == (
+        f"in flight: small/dense/seed1 step 20/100 (20%), 1.0k tokens/s, {grid.format_seconds(left)} left; "
+        "small/moe/seed5 starting")
+
+
 @pytest.mark.parametrize("text,seconds", [("2h30m", 9000), ("90m", 5400), ("1.5h", 5400), ("45s", 45),
                                           ("1h0m30s", 3630)])
 def test_durations_are_hours_minutes_seconds(text, seconds):
@@ -152,6 +167,8 @@ def test_durations_are_hours_minutes_seconds(text, seconds):
 def test_a_bad_time_limit_is_one_line_and_exit_2_before_any_run(tmp_path):
     assert_user_error(_run("study", "run", _study(tmp_path), "--out", tmp_path / "out", "--time-limit", "soon"),
                       "--time-limit", "soon")
+    assert_user_error(_run("study", "run", _study(tmp_path), "--out", tmp_path / "out", "--progress-every", "5 min"),
+                      "--progress-every", "5 min")
     assert not (tmp_path / "out").exists()
 
 

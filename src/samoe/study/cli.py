@@ -32,6 +32,8 @@ def run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-limit", metavar="DURATION", help="start no run that cannot finish within DURATION "
                    "(e.g. 2h30m) of now, priced at the tokens/s its arm's runs have logged; runs already "
                    "started are not stopped")
+    p.add_argument("--progress-every", metavar="DURATION", default="5m",
+                   help="how often to print a line on the runs in flight (default 5m)")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -45,11 +47,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         cells = [c for c in cells if c.arm in names]
     check_at_least_one(args, "jobs", "threads")
     deadline = time.time() + study.parse_duration(args.time_limit) if args.time_limit is not None else None
+    progress_every = study.parse_duration(args.progress_every, "--progress-every")
     if args.dry_run:
         _print_dry_run(cells, args.jobs, args.threads or max(1, (os.cpu_count() or 1) // args.jobs))
         return 0
     study.check_data(cells)
-    failed = study.run_cells(cells, Path(args.out), args.jobs, args.threads, log=_log, deadline=deadline)
+    failed = study.run_cells(cells, Path(args.out), args.jobs, args.threads, log=_log, deadline=deadline,
+                               progress_every=progress_every)
     return 1 if failed else 0
 
 

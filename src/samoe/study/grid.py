@@ -25,6 +25,7 @@ continues from its latest checkpoint exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import statistics
@@ -210,11 +211,11 @@ def format_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
-def parse_duration(text: str) -> float:
+def parse_duration(text: str, option: str = "--time-limit") -> float:
     """Seconds of a duration written as hours, minutes and seconds: 2h30m, 90m, 1.5h, 45s."""
     m = re.fullmatch(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?", text.strip())
     if not text.strip() or m is None:
-        raise UserError(f"--time-limit {text!r} is not a duration; expected hours, minutes and seconds "
+        raise UserError(f"{option} {text!r} is not a duration; expected hours, minutes and seconds "
                         "such as 2h30m, 90m or 45s")
     h, mi, sec = (float(g) if g else 0.0 for g in m.groups())
     return 3600 * h + 60 * mi + sec
@@ -237,11 +238,43 @@ def seconds_left(cell: Cell) -> float | None:
     return (cell.tokens - done) / statistics.median(speeds) * EVAL_OVERHEAD
 
 
+def last_logged_step(cell: Cell) -> dict | None:
+    """The last step a cell's run has logged with its tokens/s, or None. Read while the run is
+    writing, so a last line caught half-written is skipped."""
+    path = cell.run_dir / METRICS_FILE
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text(encoding="utf-8").splitlines()):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if row.get("tokens_per_s"):
+            return row
+    return None
+
+
+def in_flight_line(cells: list[Cell]) -> str:
+    """One line on the runs training now: each one's step of its total, its logged tokens/s and
+    how long its remaining tokens take at that speed (evaluations not counted)."""
+    parts = []
+    for cell in cells:
+        row, total = last_logged_step(cell), cell.cfg.train.max_steps
+        if row is None:
+            parts.append(f"{cell.name} starting")
+            continue
+        left = max(0, cell.tokens - row["tokens"]) / row["tokens_per_s"]
+        parts.append(f"{cell.name} step {row['step']:,}/{total:,} ({row['step'] / total:.0%}), "
+                     f"{row['tokens_per_s'] / 1e3:.1f}k tokens/s, {format_seconds(left)} left")
+    return "in flight: " + "; ".join(parts)
+
+
 def run_cells(cells: list[Cell], out: Path, jobs: int = 1, threads: int | None = None,
-              log=print, deadline: float | None = None) -> list[Cell]:
+              log=print, deadline: float | None = None, progress_every: float = 300.0) -> list[Cell]:
     """Train every unfinished cell, `jobs` at a time, each with `threads` torch threads
     (default: the cores shared out evenly). One line per finished run, with the ETA of the
-    grid from the tokens/s measured so far. With a `deadline` (time.time() seconds), a run
+    grid from the tokens/s measured so far, and every `progress_every` seconds one line on the
+    runs in flight (in_flight_line). With a `deadline` (time.time() seconds), a run
     that seconds_left says cannot finish by then is not started (a shorter one behind it may
     be); runs already training are never stopped. Returns the cells that failed."""
     # seed-major: every arm's first seed before any arm's second, so a grid stopped early
@@ -258,6 +291,7 @@ def run_cells(cells: list[Cell], out: Path, jobs: int = 1, threads: int | None =
     failed, not_started, finished_tokens, busy_s, total = [], [], 0, 0.0, len(todo)
     done_count = 0
     remaining = list(todo)
+    last_progress = time.time()
     while remaining or running:
         while remaining and len(running) < jobs:
             cell = remaining.pop(0)
@@ -271,6 +305,9 @@ def run_cells(cells: list[Cell], out: Path, jobs: int = 1, threads: int | None =
             proc = subprocess.Popen(train_command(cell), stdout=handle, stderr=subprocess.STDOUT, env=env)
             running.append((cell, proc, time.time(), handle))
         time.sleep(1.0)
+        if running and time.time() - last_progress >= progress_every:
+            log(f"{time.strftime('%H:%M')} {in_flight_line([c for c, *_ in running])}")
+            last_progress = time.time()
         for item in list(running):
             cell, proc, t0, handle = item
             if proc.poll() is None:
