@@ -39,11 +39,15 @@ def read_json(path: str | Path) -> dict:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl (one per logged step), in order."""
+    """The rows of a run's metrics.jsonl (one per logged step), in order. A last line without
+    its newline is a row being written by a run in flight (a study reads its runs while they
+    train) and is left out."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         raise CheckpointError(f"'{run_dir}' has no {METRICS_FILE}: not a samoe run directory")
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8")
+    lines = text.split("\n")[:-1]  # the piece after the last newline is empty or half-written
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def load_run_config(run_dir: str | Path, overrides: list[str] = ()) -> Config:

@@ -53,7 +53,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     study.check_data(cells)
     failed = study.run_cells(cells, Path(args.out), args.jobs, args.threads, log=_log, deadline=deadline,
-                               progress_every=progress_every)
+                             progress_every=progress_every)
     return 1 if failed else 0
 
 

@@ -25,7 +25,6 @@ continues from its latest checkpoint exactly as an uninterrupted run would.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import statistics
@@ -239,19 +238,10 @@ def seconds_left(cell: Cell) -> float | None:
 
 
 def last_logged_step(cell: Cell) -> dict | None:
-    """The last step a cell's run has logged with its tokens/s, or None. Read while the run is
-    writing, so a last line caught half-written is skipped."""
-    path = cell.run_dir / METRICS_FILE
-    if not path.is_file():
+    """The last step a cell's run has logged with its tokens/s, or None."""
+    if not (cell.run_dir / METRICS_FILE).is_file():
         return None
-    for line in reversed(path.read_text(encoding="utf-8").splitlines()):
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if row.get("tokens_per_s"):
-            return row
-    return None
+    return next((r for r in reversed(read_metrics(cell.run_dir)) if r.get("tokens_per_s")), None)
 
 
 def in_flight_line(cells: list[Cell]) -> str:
