@@ -115,6 +115,7 @@ def _leaves(d, prefix=""):
     (["model.d_model=65"], "model.d_model", "a multiple of model.n_heads = 2"),
     (["model.positions=rotary", "model.d_model=6", "model.n_heads=2"], "model.d_model", "even head size"),
     (["model.moe.pool.size=0"], "model.moe.pool.size", ">= 1"),
+    (["model.moe.residual_hidden=0"], "model.moe.residual_hidden", ">= 1 or null"),
     (["model.moe.pool.temperature=0"], "model.moe.pool.temperature", "> 0"),
     (["model.moe.router=mixtral"], "model.moe.router", "switch, gshard, topk, base, hash, expert_choice"),
     (["model.moe.sharing=global"], "model.moe.sharing", "private, pool, shared"),

@@ -49,6 +49,10 @@ CASES = {  # dropless: no capacity drops, so every token visits its k experts as
                                    "model.activation=swiglu", "model.moe.dropless=true"),
     "moe-every2-residual-hash": ("model.moe.sharing=private", "model.moe.every=2", "model.moe.residual=true",
                                  "model.moe.router=hash", "model.moe.dropless=true", "model.n_layers=4"),
+    # a narrow sigmoid-gated dense branch beside fine-grained experts (the default preset's layer)
+    "samoe-shared-expert-sigmoid": ("model.moe.residual=true", "model.moe.residual_hidden=40",
+                                    "model.moe.residual_gate=sigmoid", "model.moe.ffn_hidden=32",
+                                    "model.moe.router=topk", "model.moe.top_k=2", "model.moe.dropless=true"),
     "shared-expert-choice": ("model.moe.sharing=shared", "model.moe.shared_experts=6",
                              "model.moe.router=expert_choice"),
 }

@@ -56,6 +56,17 @@ def test_every_router_sharing_residual_combination_trains(router, sharing, resid
     assert (model.expert_bank is not None) == (sharing == "shared")
 
 
+def test_the_dense_branch_takes_its_own_width():
+    """model.moe.residual_hidden sizes the dense branch beside the experts; unset, it is model.ffn_hidden."""
+    narrow = tiny("model.moe.residual=true", "model.moe.residual_hidden=40", "model.moe.residual_gate=sigmoid")
+    model, out = train_step(narrow)
+    assert_trains(model, out)
+    assert all(layer.residual.fc1.out_features == 40 for layer in model.moe_layers())
+    assert all(layer.residual_coef.out_features == 1 for layer in model.moe_layers())  # one sigmoid gate
+    wide = GPT(tiny("model.moe.residual=true", "model.ffn_hidden=200"))
+    assert all(layer.residual.fc1.out_features == 200 for layer in wide.moe_layers())
+
+
 @pytest.mark.parametrize("overrides", [
     ["model.activation=swiglu"],
     ["model.positions=rotary"],

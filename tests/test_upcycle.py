@@ -92,6 +92,7 @@ def test_train_init_from_a_dense_run(tmp_path, monkeypatch):
 @pytest.mark.parametrize("source, overrides, named", [
     (DENSE, ["model.d_model=32"], "model.d_model"),
     (DENSE, ["model.moe.ffn_hidden=128"], "model.moe.ffn_hidden"),
+    (DENSE, ["model.moe.residual=true", "model.moe.residual_hidden=128"], "model.moe.residual_hidden"),
     ([], [], "MoE model"),  # an MoE source
 ])
 def test_init_from_that_does_not_fit(tmp_path, monkeypatch, source, overrides, named):

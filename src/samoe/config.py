@@ -74,6 +74,7 @@ class MoEConfig:
     sharing: str = "pool"  # private | pool | shared
     shared_experts: int = 16  # M, size of the bank for sharing = "shared"
     residual: bool = False  # PR-MoE: mix a dense FFN branch with the MoE branch
+    residual_hidden: int | None = None  # the dense branch's hidden width; default: model.ffn_hidden
     # softmax: y = p0·moe + p1·ffn (PR-MoE); sigmoid: y = moe + σ(x·w)·ffn (Qwen2-MoE shared expert)
     residual_gate: str = "softmax"
     load_balance_weight: float = 0.01
@@ -161,6 +162,11 @@ def expert_hidden(m: ModelConfig) -> int:
     return m.moe.ffn_hidden or ffn_hidden(m)
 
 
+def residual_hidden(m: ModelConfig) -> int:
+    """Hidden width of the dense branch beside the experts (model.moe.residual)."""
+    return m.moe.residual_hidden or ffn_hidden(m)
+
+
 def fc1_width(activation: str, hidden: int) -> int:
     """Output width of an FFN's first projection: swiglu's gate and value halves, else `hidden`."""
     return 2 * hidden if activation == "swiglu" else hidden
@@ -218,7 +224,8 @@ def validate(cfg: Config) -> Config:
     if m.positions == "rotary":
         _check((m.d_model // m.n_heads) % 2 == 0, "model.d_model",
                "an even head size (d_model / n_heads) for rotary positions", m.d_model)
-    for name, value in [("model.ffn_hidden", m.ffn_hidden), ("model.moe.ffn_hidden", moe.ffn_hidden)]:
+    for name, value in [("model.ffn_hidden", m.ffn_hidden), ("model.moe.ffn_hidden", moe.ffn_hidden),
+                        ("model.moe.residual_hidden", moe.residual_hidden)]:
         _check(value is None or value >= 1, name, "an integer >= 1 or null", value)
     _check(0.0 <= m.dropout < 1.0, "model.dropout", "a number in [0, 1)", m.dropout)
     _choice("model.activation", m.activation, ACTIVATIONS)

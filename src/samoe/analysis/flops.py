@@ -46,6 +46,7 @@ from samoe.config import (
     load_config,
     micro_batch,
     moe_layer_ids,
+    residual_hidden,
     router_top_k,
     save_config,
 )
@@ -92,7 +93,8 @@ def forward_flops(m: ModelConfig, batch_tokens: int) -> dict[str, float]:
     out["lm_head"] = 2 * d * m.vocab_size
     for E in n_exp:
         if moe.residual:
-            out["dense_ffn"] += _ffn_flops(m, f) + 2 * d * 2
+            gates = 2 if moe.residual_gate == "softmax" else 1  # the branch's gate: softmax over two, or a sigmoid
+            out["dense_ffn"] += _ffn_flops(m, residual_hidden(m)) + 2 * d * gates
         if moe.router != "hash":
             out["router"] += 2 * d * E
         out["experts"] += slots_per_token(m, E, batch_tokens) * _ffn_flops(m, f_e)

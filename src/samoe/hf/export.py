@@ -33,6 +33,7 @@ from samoe.config import (
     ffn_hidden,
     load_config,
     moe_layer_ids,
+    residual_hidden,
     router_top_k,
 )
 from samoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
@@ -59,6 +60,7 @@ def samoe_hf_config(m: ModelConfig, eot_id: int, dtype: str) -> dict:
     samoe.update(ffn_hidden=ffn_hidden(m), expert_hidden=expert_hidden(m), moe_layers=moe_ids,
                  experts_per_layer=experts_per_layer(m) if moe_ids else [])
     samoe["moe"]["top_k"] = router_top_k(m.moe)
+    samoe["moe"]["residual_hidden"] = residual_hidden(m)
     return {
         "architectures": ["SamoeForCausalLM"],
         "model_type": "samoe",

@@ -27,7 +27,15 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from samoe.config import ModelConfig, expert_hidden, experts_per_layer, ffn_hidden, moe_layer_ids, router_top_k
+from samoe.config import (
+    ModelConfig,
+    expert_hidden,
+    experts_per_layer,
+    ffn_hidden,
+    moe_layer_ids,
+    residual_hidden,
+    router_top_k,
+)
 from samoe.errors import ExportError
 
 FORMATS = ("mixtral", "qwen2_moe")
@@ -101,7 +109,7 @@ def stock_config(m: ModelConfig, fmt: str, eot_id: int, dtype: str) -> dict:
                     "router_jitter_noise": 0.0, "router_aux_loss_coef": m.moe.load_balance_weight})
     else:
         out.update({"intermediate_size": ffn_hidden(m), "moe_intermediate_size": expert_hidden(m), "num_experts": E,
-                    "shared_expert_intermediate_size": ffn_hidden(m) if m.moe.residual else 1,
+                    "shared_expert_intermediate_size": residual_hidden(m) if m.moe.residual else 1,
                     "norm_topk_prob": k > 1, "decoder_sparse_step": m.moe.every if moe_ids else 1,
                     "mlp_only_layers": [] if moe_ids else list(range(m.n_layers)), "qkv_bias": True,
                     "use_sliding_window": False, "sliding_window": None, "max_window_layers": m.n_layers,
@@ -137,7 +145,7 @@ def stock_tensors(m: ModelConfig, t: dict[str, Tensor], fmt: str) -> dict[str, T
                 out[mlp + f"experts.{e}.{name}.weight"] = w
         if fmt == "qwen2_moe" and m.moe.residual:
             out.update(_ffn(mlp + "shared_expert.", t[s + "ffn.residual.fc1.weight"], t[s + "ffn.residual.fc2.weight"],
-                            fd))
+                            residual_hidden(m)))
             out[mlp + "shared_expert_gate.weight"] = t[s + "ffn.residual_coef.weight"]
         elif fmt == "qwen2_moe":  # a zero shared expert of width 1: adds σ(0) · 0 = 0
             z = w1.new_zeros

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samoe.config import ModelConfig, expert_hidden, experts_per_layer, ffn_hidden, moe_layer_ids
+from samoe.config import ModelConfig, expert_hidden, experts_per_layer, ffn_hidden, moe_layer_ids, residual_hidden
 from samoe.model.ffn import FeedForward, make_norm
 from samoe.moe.dispatch import LocalDispatcher
 from samoe.moe.expert_parallel import ExpertParallel, ExpertParallelDispatcher
@@ -146,7 +146,7 @@ class GPT(nn.Module):
             experts = ExpertWeights((), num_experts, cfg.d_model, hidden, cfg.activation, cfg.n_layers, self.ep,
                                     cfg.bias)
         router = build_router(moe, cfg.d_model, num_experts, cfg.vocab_size)
-        residual = (FeedForward(cfg.d_model, ffn_hidden(cfg), cfg.activation, cfg.n_layers, cfg.dropout, cfg.bias)
+        residual = (FeedForward(cfg.d_model, residual_hidden(cfg), cfg.activation, cfg.n_layers, cfg.dropout, cfg.bias)
                     if moe.residual else None)
         # the token dispatcher is chosen here, once: local, or over the expert-parallel group
         dispatcher = LocalDispatcher() if self.ep is None else ExpertParallelDispatcher(self.ep, num_experts)

@@ -32,7 +32,15 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
-from samoe.config import ModelConfig, expert_hidden, ffn_hidden, from_dict, load_config, moe_layer_ids
+from samoe.config import (
+    ModelConfig,
+    expert_hidden,
+    ffn_hidden,
+    from_dict,
+    load_config,
+    moe_layer_ids,
+    residual_hidden,
+)
 from samoe.data.tokenizer import TOKENIZER_FILE, ByteTokenizer, load_tokenizer
 from samoe.errors import UpcycleError
 from samoe.hf.llama import MODEL_TYPES as HF_MODEL_TYPES
@@ -118,6 +126,9 @@ def check_fits(target: ModelConfig, src: DenseSource) -> None:
     if moe_layer_ids(target) and expert_hidden(target) != ffn_hidden(src.cfg):
         raise UpcycleError(f"--init-from '{src.path}': model.moe.ffn_hidden = {expert_hidden(target)} does not fit "
                            f"the source's FFN width {ffn_hidden(src.cfg)} (experts start as the dense FFN)")
+    if moe_layer_ids(target) and target.moe.residual and residual_hidden(target) != ffn_hidden(src.cfg):
+        raise UpcycleError(f"--init-from '{src.path}': model.moe.residual_hidden = {residual_hidden(target)} does not "
+                           f"fit the source's FFN width {ffn_hidden(src.cfg)} (the dense branch starts as the dense FFN)")
 
 
 def upcycled_tensors(model: GPT, src: DenseSource, noise: float = 0.0, seed: int = 0) -> dict[str, Tensor]:

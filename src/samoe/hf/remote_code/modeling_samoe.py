@@ -204,7 +204,7 @@ class MoEFeedForward(nn.Module):
         self.residual = self.residual_coef = None
         self.residual_gate = moe["residual_gate"]
         if moe["residual"]:
-            self.residual = FeedForward(s, s["ffn_hidden"])
+            self.residual = FeedForward(s, moe.get("residual_hidden") or s["ffn_hidden"])  # older exports: model width
             self.residual_coef = nn.Linear(s["d_model"], 2 if self.residual_gate == "softmax" else 1, bias=s["bias"])
 
     def expert_tensors(self, shared, e):
