@@ -36,14 +36,16 @@ KINDS = {
     "base-residual": ["model.moe.router=base", "model.moe.residual=true", "model.moe.sharing=private"],
     "pyramid-expert-rotary": ["model.moe.experts_per_layer=[2,4]", "model.moe.pool.granularity=expert",
                               "model.positions=rotary", "model.tie_embeddings=false"],
-    "llama-sigmoid-frozen": LLAMA + ["model.moe.residual=true", "model.moe.residual_gate=sigmoid", "model.moe.residual_hidden=40",
+    "llama-sigmoid-frozen": LLAMA + ["model.moe.residual=true", "model.moe.residual_gate=sigmoid",
+                                     "model.moe.residual_hidden=40",
                                      "model.moe.pool.init=cycle", "model.moe.pool.freeze=true",
                                      "model.moe.aux_free_bias=true", "model.moe.router=gshard"],
 }
 STOCK = {
     "mixtral": LLAMA + ["model.moe.router=topk", "model.moe.top_k=2", "model.moe.sharing=private"],
+    # switch over a pool, one dense block, a narrow shared expert
     "qwen2_moe": LLAMA + ["model.n_layers=3", "model.moe.every=2", "model.moe.residual=true",
-                          "model.moe.residual_gate=sigmoid", "model.moe.residual_hidden=40"],  # switch over a pool, one dense block
+                          "model.moe.residual_gate=sigmoid", "model.moe.residual_hidden=40"],
     "qwen2_moe-dense": LLAMA + ["model.moe.enabled=false", "model.tie_embeddings=false"],
 }
 

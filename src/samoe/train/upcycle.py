@@ -127,8 +127,9 @@ def check_fits(target: ModelConfig, src: DenseSource) -> None:
         raise UpcycleError(f"--init-from '{src.path}': model.moe.ffn_hidden = {expert_hidden(target)} does not fit "
                            f"the source's FFN width {ffn_hidden(src.cfg)} (experts start as the dense FFN)")
     if moe_layer_ids(target) and target.moe.residual and residual_hidden(target) != ffn_hidden(src.cfg):
-        raise UpcycleError(f"--init-from '{src.path}': model.moe.residual_hidden = {residual_hidden(target)} does not "
-                           f"fit the source's FFN width {ffn_hidden(src.cfg)} (the dense branch starts as the dense FFN)")
+        raise UpcycleError(f"--init-from '{src.path}': model.moe.residual_hidden = {residual_hidden(target)} does "
+                           f"not fit the source's FFN width {ffn_hidden(src.cfg)} (the dense branch starts as the "
+                           "dense FFN)")
 
 
 def upcycled_tensors(model: GPT, src: DenseSource, noise: float = 0.0, seed: int = 0) -> dict[str, Tensor]:
