@@ -81,13 +81,24 @@ def test_gemm_floor_runs_the_six_gemms_of_each_expert(monkeypatch):
                          ((16, 6), (6, 4)), ((4, 16), (16, 6))]
 
 
+def test_the_batched_gemm_floor_runs_each_of_the_six_once_over_all_experts(monkeypatch):
+    calls = []
+    real_bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda a, b, out: calls.append((tuple(a.shape), tuple(b.shape)))
+                        or real_bmm(a, b, out=out))
+    layers.gemm_floor(tokens=32, d=4, width=6, experts=4, top_k=2, batched=True)()
+    assert calls == [((4, 16, 4), (4, 4, 6)), ((4, 16, 6), (4, 6, 4)), ((4, 16, 4), (4, 4, 6)),
+                     ((4, 6, 16), (4, 16, 4)), ((4, 16, 6), (4, 6, 4)), ((4, 4, 16), (4, 16, 6))]
+
+
 def test_training_shapes_report_every_layout_with_its_floor_and_bounds():
     rows = layers.training_shapes(Shape(tokens=64, d_model=8, hidden=16), (64,), bytes_per_s=1e10, repeats=1)
     assert [(r["experts"], r["top_k"], r["expert_hidden"]) for r in rows] == [
         (E, k, 16 // k) for E, k in layers.TRAINING_LAYOUTS]
     for r in rows:
         assert all(math.isfinite(r[key]) and r[key] > 0 for key in (
-            "moe_vs_dense", "samoe_vs_moe", "gemm_floor", "traffic_bound", "samoe_traffic_bound", "dense_ms"))
+            "moe_vs_dense", "samoe_vs_moe", "gemm_floor", "bmm_floor", "traffic_bound", "samoe_traffic_bound",
+            "dense_ms"))
         assert r["traffic_bound"] >= 1.0 and r["samoe_traffic_bound"] > 1.0
 
 
@@ -167,7 +178,8 @@ def test_markdown_and_json_report(tmp_path, monkeypatch):
             "scaling": [{"tokens": 64, "experts": 4, "moe_vs_dense": 1.3, "samoe_vs_moe": 1.1, "dense_ms": 1.0}],
             "bandwidth_gb_per_s": 20.0,
             "training_shapes": [{"tokens": 64, "experts": 4, "top_k": 2, "expert_hidden": 8, "dense_ms": 1.0,
-                                 "moe_vs_dense": 1.3, "samoe_vs_moe": 1.2, "gemm_floor": 1.25, "traffic_bound": 1.1,
+                                 "moe_vs_dense": 1.3, "samoe_vs_moe": 1.2, "gemm_floor": 1.25, "bmm_floor": 1.05,
+                                 "traffic_bound": 1.1,
                                  "samoe_traffic_bound": 1.15}]}
     monkeypatch.setattr(suite, "run_suite", lambda quick, repeats: fake)
     doc, js = tmp_path / "b.md", tmp_path / "b.json"
@@ -175,7 +187,7 @@ def test_markdown_and_json_report(tmp_path, monkeypatch):
     text = doc.read_text()
     assert "`samoe bench --quick`" in text
     assert "| (a) MoE top-1 (dropless) layer time / dense FFN, E = 16 | 1.20x | ≤ 1.15x |" in text
-    assert "| 64 | 4 | 2 | 8 | 1.0 | 1.30x | 1.25x | 1.10x | 1.20x | 1.15x |" in text and "20.0 GB/s" in text
+    assert "| 64 | 4 | 2 | 8 | 1.0 | 1.30x | 1.25x | 1.05x | 1.10x | 1.20x | 1.15x |" in text and "20.0 GB/s" in text
     assert "hf_switch time / ours | 1.50x" in text and "deepspeed | skipped: not installed" in text
     assert json.loads(js.read_text()) == {"moe_vs_dense_e16": 1.2, "moe_vs_dense_e64": 1.4, "samoe_vs_moe": 1.1,
                                           "samoe_vs_moe_peak_mem": 0.5, "samoe_vs_moe_peak_mem_b1": 0.5,

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 import samoe.moe.dispatch as dispatch_mod
+import samoe.moe.grouped as grouped_mod
 from samoe.config import load_config
 from samoe.model.ffn import activate
 from samoe.model.gpt import GPT
-from samoe.moe.grouped import ExpertSource, grouped_expert_ffn, grouped_gemm_offsets
+from samoe.moe.grouped import ExpertSource, grouped_expert_ffn, grouped_gemm_offsets, row_layout
 
 D, F_, E, K = 6, 5, 4, 3
 
@@ -46,16 +47,25 @@ def leaves(source: ExpertSource):
     return [t for t in (*source.tensors(), source.coef) if t is not None]
 
 
+# how the GEMMs run (row_layout): one per expert; padded groups in expert order; padded groups
+# of experts sorted by count (weights gathered into that order)
+LAYOUTS = {"per-expert": dict(pad_tolerance=-1.0), "padded": dict(pad_tolerance=float("inf"), permute=False),
+           "padded-sorted": dict(pad_tolerance=float("inf"), permute=True)}
+
+
 @pytest.mark.parametrize("pool", [None, "layer", "expert"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("counts", [[3, 0, 4, 2], [0, 0, 5, 0], [1, 1, 1, 1]])
-def test_outputs_and_gradients_equal_autograd_on_the_materialised_weights(pool, activation, counts):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_outputs_and_gradients_equal_autograd_on_the_materialised_weights(pool, activation, counts, layout):
     torch.manual_seed(0)
     source = make_source(pool, activation)
     x = torch.randn(sum(counts), D, dtype=torch.float64, requires_grad=True)
     gy = torch.randn(sum(counts), D, dtype=torch.float64)
 
-    y = grouped_expert_ffn(x, counts, source, activation)
+    plan = row_layout(x, counts, source.w1.shape[-1], source.w2.shape[-2], **LAYOUTS[layout])
+    assert (plan.dest is None) == (layout == "per-expert") and (plan.perm is not None) == (layout == "padded-sorted")
+    y = plan.unpad(grouped_expert_ffn(plan.pad(x), counts, source, activation, plan))
     grads = torch.autograd.grad(y, [x, *leaves(source)], gy)
     y_ref = reference(x, counts, source, activation)
     grads_ref = torch.autograd.grad(y_ref, [x, *leaves(source)], gy, allow_unused=True)
@@ -107,9 +117,13 @@ def test_gradcheck(pool):
 
 @pytest.mark.parametrize("sharing", ["private", "pool"])
 @pytest.mark.parametrize("dropless", ["true", "false"])
-def test_model_gradients_equal_the_materialised_path(sharing, dropless, monkeypatch):
+@pytest.mark.parametrize("tolerance", [-1.0, float("inf")])
+def test_model_gradients_equal_the_materialised_path(sharing, dropless, tolerance, monkeypatch):
     """Whole model: the fast path against the same model whose MoE layers combine the pool
-    with autograd and run the reference loop (capacity drops included)."""
+    with autograd and run the reference loop (capacity drops included); the GEMMs per expert
+    (tolerance -1) and padded, where the dispatcher lays out the slots with padding rows that
+    read token 0 at gate 0 (tolerance inf)."""
+    monkeypatch.setattr(grouped_mod, "PAD_TOLERANCE", tolerance)
     cfg = load_config(preset="tiny", overrides=[f"model.moe.sharing={sharing}", f"model.moe.dropless={dropless}",
                                                 "model.moe.pool.granularity=expert", "model.moe.capacity_factor=0.5"])
     torch.manual_seed(0)
@@ -122,9 +136,12 @@ def test_model_gradients_equal_the_materialised_path(sharing, dropless, monkeypa
         (out.loss + out.aux_loss).backward()
         return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
+    padded = []
+    monkeypatch.setattr(dispatch_mod, "row_layout", lambda *a: padded.append(grouped_mod.row_layout(*a)) or padded[-1])
     loss, grads = run()
-    monkeypatch.setattr(dispatch_mod, "grouped_expert_ffn",
-                        lambda x, counts, source, act: reference(x, counts, source, act))
+    assert padded and all((p.dest is not None) == (tolerance > 0) for p in padded)
+    monkeypatch.setattr(dispatch_mod, "grouped_expert_ffn", lambda x, counts, source, act, layout:
+                        layout.pad(reference(layout.unpad(x), counts, source, act)))
     loss_ref, grads_ref = run()
     torch.testing.assert_close(loss, loss_ref)
     for name in grads:
@@ -159,3 +176,39 @@ def test_constant_zero_biases_get_no_gradient_and_the_rest_stays_exact(pool):
     grads_ref = torch.autograd.grad(reference(x, counts, source, "gelu").sum(), wanted, allow_unused=True)
     for g, g_ref in zip(grads, grads_ref):
         torch.testing.assert_close(g, torch.zeros_like(g) if g_ref is None else g_ref)
+
+
+def test_the_padded_layout_groups_experts_and_pads_each_group_to_its_largest_count(monkeypatch):
+    """Twelve experts, any padding allowed, so groups of PAD_GROUP = 8: in expert order experts 0-7
+    and 8-11, each padded to its largest count; sorted by count the groups hold similar counts
+    and pad less. Every sorted row lands on its own padded row, and padding rows are zero."""
+    counts = [5, 1, 0, 2, 2, 7, 1, 1, 3, 3, 0, 4]
+    x = torch.arange(1, sum(counts) + 1, dtype=torch.float64).unsqueeze(1).repeat(1, 4)
+    plain = row_layout(x, counts, 4, 4, pad_tolerance=float("inf"), permute=False)
+    assert plain.groups == [(0, 8, 7, 0), (8, 12, 4, 56)] and plain.rows == 72
+    sort = row_layout(x, counts, 4, 4, pad_tolerance=float("inf"), permute=True)
+    assert sort.perm.tolist() == [5, 0, 11, 8, 9, 3, 4, 1, 6, 7, 2, 10]
+    assert sort.groups == [(0, 8, 7, 0), (8, 12, 1, 56)] and sort.rows == 60
+    for plan in (plain, sort):
+        xp = plan.pad(x)
+        assert torch.equal(plan.unpad(xp), x) and xp.sum() == x.sum()  # padding rows hold zeros
+        assert plan.row_expert.shape == (plan.rows,)
+        assert torch.equal(plan.row_expert[plan.dest], torch.repeat_interleave(torch.arange(12), torch.tensor(counts)))
+    # with the default tolerance these counts are too uneven to group in expert order: more than
+    # E / 2 groups, so the GEMMs run per expert
+    assert row_layout(x, counts, 4, 4, permute=False).dest is None
+
+
+def test_a_padded_group_runs_as_one_batched_gemm(monkeypatch):
+    """The default preset's shape (64 experts of width 64, d = 128, near-balanced counts) takes the
+    sorted padded layout: 8 bmm calls per GEMM instead of 64."""
+    counts = [120 + (e * 7) % 17 for e in range(64)]
+    x = torch.randn(sum(counts), 128)
+    plan = row_layout(x, counts, 64, 64)
+    assert plan.perm is not None and len(plan.groups) == 8 and plan.rows <= 1.15 * sum(counts)
+    calls = []
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or torch.ops.aten.bmm.out(*a, **k))
+    source = make_source(None, "gelu", torch.float32, d=128, f=64)
+    source = ExpertSource(*(t.detach()[:1].expand(64, *t.shape[1:]).contiguous() for t in source.tensors()))
+    grouped_expert_ffn(plan.pad(x), counts, source, "gelu", plan)
+    assert len(calls) == 2 * 8

@@ -91,11 +91,13 @@ def scaling_table(d_model: int, hidden: int, tokens: tuple[int, ...], experts: t
 TRAINING_LAYOUTS = ((8, 1), (16, 1), (64, 1), (16, 2), (32, 4))
 
 
-def gemm_floor(tokens: int, d: int, width: int, experts: int, top_k: int) -> Callable[[], None]:
+def gemm_floor(tokens: int, d: int, width: int, experts: int, top_k: int, batched: bool = False) -> Callable[[], None]:
     """The six GEMMs of an FFN's forward + backward alone (x·W1, a·W2; ∂a, ∂W2, ∂x, ∂W1), run
     expert by expert on equal shares of the T·k routed rows into preallocated outputs: no
     routing, no dispatch, no activation. Timed beside the dense FFN's six, it is the floor
-    the layer's shapes set on this machine, whatever the dispatch does."""
+    the layer's shapes set on this machine for a GEMM per expert. `batched`: each of the six
+    as one torch.bmm over all experts instead, the floor of the padded layout (moe/grouped.py)
+    when the counts are equal and nothing is padded."""
     n = tokens * top_k // experts
     x, gy = torch.randn(experts, n, d), torch.randn(experts, n, d)
     w1, w2 = torch.randn(experts, d, width), torch.randn(experts, width, d)
@@ -111,7 +113,15 @@ def gemm_floor(tokens: int, d: int, width: int, experts: int, top_k: int) -> Cal
             torch.mm(h[e].t(), gy[e], out=g2[e])
             torch.mm(ga[e], w1[e].t(), out=gx[e])
             torch.mm(x[e].t(), ga[e], out=g1[e])
-    return run
+
+    def run_batched():
+        torch.bmm(x, w1, out=h)
+        torch.bmm(h, w2, out=y)
+        torch.bmm(gy, w2.transpose(1, 2), out=ga)
+        torch.bmm(h.transpose(1, 2), gy, out=g2)
+        torch.bmm(ga, w1.transpose(1, 2), out=gx)
+        torch.bmm(x.transpose(1, 2), ga, out=g1)
+    return run_batched if batched else run
 
 
 def weight_traffic_bound(dense_s: float, expert_params: int, dense_params: int, bytes_per_s: float,
@@ -149,12 +159,13 @@ def training_shapes(shape: Shape, tokens: tuple[int, ...], bytes_per_s: float, r
                 "moe": fwd_bwd(moe.moe_layers()[0], x, ids, moe),
                 "samoe": fwd_bwd(samoe.moe_layers()[0], x, ids, samoe),
                 "gemm_dense": gemm_floor(T, d, f, 1, 1),
-                "gemm_moe": gemm_floor(T, d, width, E, k)}, repeats)
+                "gemm_moe": gemm_floor(T, d, width, E, k),
+                "bmm_moe": gemm_floor(T, d, width, E, k, batched=True)}, repeats)
             expert_params, dense_params = 2 * E * d * width, 2 * d * f
             rows.append({
                 "tokens": T, "experts": E, "top_k": k, "expert_hidden": width, "dense_ms": 1000 * t["dense"],
                 "moe_vs_dense": t["moe"] / t["dense"], "samoe_vs_moe": t["samoe"] / t["moe"],
-                "gemm_floor": t["gemm_moe"] / t["gemm_dense"],
+                "gemm_floor": t["gemm_moe"] / t["gemm_dense"], "bmm_floor": t["bmm_moe"] / t["gemm_dense"],
                 "traffic_bound": weight_traffic_bound(t["dense"], expert_params, dense_params, bytes_per_s),
                 # SaMoE against the MoE: all of its extra passes are traffic the MoE does not have
                 "samoe_traffic_bound": weight_traffic_bound(t["moe"], expert_params, 0, bytes_per_s,

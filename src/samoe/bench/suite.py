@@ -100,15 +100,18 @@ def markdown(r: dict, command: str) -> str:
     lines += ["", "(h) Training shapes: one MoE layer, forward + backward, d = 256, dense FFN f = 1024; E experts of "
               "width f / k with top-k, so every row costs the dense FFN's FLOPs per token. *GEMM floor*: the "
               "layer's six GEMMs alone on equal shares of the rows, over the dense FFN's six: what the shapes "
-              "cost on this machine before any routing. *Traffic bound*: what streaming the expert weights "
+              "cost on this machine before any routing, with a GEMM per expert; *batched floor*: the same six as one "
+              "batched GEMM each over all experts, what the padded layout (moe/grouped.py) approaches when the "
+              "counts are near-equal. *Traffic bound*: what streaming the expert weights "
               f"(read in forward and backward, gradient written) at the measured {r['bandwidth_gb_per_s']:.1f} GB/s "
               "(large copy) adds to the dense time; for SaMoE, its 13 extra passes over the layer's expert-sized "
               "weights (moe/grouped.py) added to the MoE time.", "",
-              "| T | E | top-k | expert width | dense (ms) | MoE / dense | GEMM floor | traffic bound "
-              "| SaMoE / MoE | SaMoE traffic bound |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| T | E | top-k | expert width | dense (ms) | MoE / dense | GEMM floor | batched floor | traffic bound "
+              "| SaMoE / MoE | SaMoE traffic bound |", "|" + " --- |" * 11]
     for row in r.get("training_shapes", []):
         lines.append(f"| {row['tokens']} | {row['experts']} | {row['top_k']} | {row['expert_hidden']} | "
                      f"{row['dense_ms']:.1f} | {row['moe_vs_dense']:.2f}x | {row['gemm_floor']:.2f}x | "
+                     f"{row.get('bmm_floor', float('nan')):.2f}x | "
                      f"{row['traffic_bound']:.2f}x | {row['samoe_vs_moe']:.2f}x | {row['samoe_traffic_bound']:.2f}x |")
     lines += ["", "(e) Peak RSS growth over two training steps (12 layers, MoE every other, E = 16, K = 2, "
               "d = 256):", ""]

@@ -1,17 +1,26 @@
 """Grouped expert FFN over expert-sorted tokens, with a hand-written backward.
 
 Tokens arrive sorted by expert: rows [o_e, o_e + n_e) of x [N, d] belong to expert e. Each
-expert's matrices run once on its contiguous slice, in two passes over the experts:
+expert's matrices run once on its rows, in two passes over the experts:
 
     pass 1:  h[rows_e] = x[rows_e]·W1[e] + b1[e]          (all experts)
-             a = act(h)                                    (one call over all N rows)
+             a = act(h)                                    (one call over all rows)
     pass 2:  y[rows_e] = a[rows_e]·W2[e] + b2[e]           (all experts)
 
-Each pass is one grouped GEMM (`torch._grouped_mm` with the experts' row offsets) where it
-runs: on the CPU in fp32 and bf16 when every operand's rows are 16-byte multiples. At the
-default preset's shapes it took 20-25% less time than a loop of per-expert GEMMs for the whole
-FFN forward and backward. Elsewhere (float64, odd widths, CUDA until a GPU has checked it) a
-loop over the experts runs the same GEMMs one by one (`_row_matmul`, `_weight_grad`).
+How the GEMMs of a pass run is the layout's choice (RowLayout, chosen by row_layout from the
+counts each step):
+- padded: experts of similar counts are grouped, up to PAD_GROUP at a time, and each group's
+  rows sit in a buffer padded to its largest count, so the group is one torch.bmm on
+  [experts, C, ·] views. On 2 CPU threads, at small per-expert GEMMs (the default preset: 64
+  experts, 128 rows x 128 x 64 each) a bmm ran 1.8x faster than a GEMM per expert: it hands
+  whole GEMMs to the threads, where a lone small GEMM is split between them. Padding rows
+  cost FLOPs, so a group only grows while they stay within PAD_TOLERANCE of its real rows;
+  experts are grouped in count order (their weights gathered into that order) when the
+  weights are small beside the rows, else in expert order. The dispatcher (moe/dispatch.py)
+  lays the slots out padded already, so the tokens are gathered once;
+- per expert, when grouping finds too little to group: one grouped GEMM (`torch._grouped_mm`
+  with the experts' row offsets) where it runs (the CPU in fp32 and bf16, every operand's rows
+  16-byte multiples; it loops over the experts inside), else a loop of torch.mm.
 
 Why this shape:
 - the activation (and its backward) runs once over [N, h], not once per expert: elementwise
@@ -19,8 +28,8 @@ Why this shape:
 - a custom autograd Function rather than autograd through the GEMMs: only x and h are saved,
   a = act(h) is recomputed in backward (keeping it was no faster within the noise, and cost
   SaMoE's memory ratio 0.004), and a pool's gradient is formed in place (below);
-- biases are added expert by expert, in place; their gradients are one segment sum
-  (index_add over the rows' expert ids) per bias;
+- biases are added group by group, in place; their gradients are one segment sum
+  (index_add over the rows' expert ids; padding rows have zero gradients) per bias;
 - SaMoE: the weights may be given as a pool P [K, E, ...] with mixing coefficients c ([K],
   or [E, K] per expert). The layer's experts W = Σ_k c[.., k] · P[k] are combined just before
   use, one matrix at a time (W1 for pass 1, W2 for pass 2), in forward and again in backward:
@@ -110,6 +119,100 @@ def _source_grad(w: Tensor, coef: Tensor | None, gcoef: Tensor | None, g: Tensor
 # adds it for its own checks and times it against the loop.
 GROUPED_GEMM = {"cpu": (torch.float32, torch.bfloat16)}
 
+# The padded layout (module docstring): at most PAD_GROUP experts in one batched GEMM; a group
+# grows while its padding rows stay within PAD_TOLERANCE of its real rows.
+PAD_GROUP = 8
+PAD_TOLERANCE = 0.15
+
+
+@dataclass
+class RowLayout:
+    """Where each expert's rows sit for the FFN's GEMMs.
+
+    Rows arrive sorted by expert (counts[e] rows for expert e, natural order). A layout either
+    keeps them so (`dest` None: one GEMM per expert, by the loop or torch._grouped_mm) or
+    scatters them into a padded buffer of `rows` rows (`dest` [N]: the padded row of each sorted
+    row; padding rows are zero). Either way the GEMMs run over `groups`, tuples (e0, e1, C, r0):
+    layout positions e0..e1-1 hold C rows each, from row r0, so a group is one bmm on views
+    [e1 - e0, C, ·]. Position p holds expert perm[p] (natural order when perm is None): sorting
+    the experts by count before grouping them keeps the padding small, at the price of gathering
+    the weights into that order (taken only when the weights are no larger than the rows).
+    """
+
+    counts: list[int]
+    groups: list[tuple[int, int, int, int]]
+    rows: int
+    row_expert: Tensor  # [rows] natural expert id of each row (padding rows: their position's)
+    offs: Tensor | None = None  # torch._grouped_mm's offsets, when it runs the GEMMs
+    dest: Tensor | None = None
+    perm: Tensor | None = None
+
+    def pad(self, t: Tensor) -> Tensor:
+        """Sorted rows [N, ...] -> layout rows [rows, ...], zeros on padding rows."""
+        return t if self.dest is None else t.new_zeros(self.rows, *t.shape[1:]).index_copy_(0, self.dest, t)
+
+    def unpad(self, t: Tensor) -> Tensor:
+        """Layout rows [rows, ...] -> sorted rows [N, ...]."""
+        return t if self.dest is None else t.index_select(0, self.dest)
+
+    def take(self, w: Tensor) -> Tensor:
+        """An expert stack [E, ...] in layout order."""
+        return w if self.perm is None else w.index_select(0, self.perm)
+
+    def give_back(self, g: Tensor) -> Tensor:
+        """A gradient stack [E, ...] from layout order back to natural order."""
+        return g if self.perm is None else torch.empty_like(g).index_copy_(0, self.perm, g)
+
+
+def row_layout(x: Tensor, counts: list[int], *widths: int, pad_tolerance: float | None = None,
+               permute: bool | None = None) -> RowLayout:
+    """The layout for N = Σ counts rows of width d (x: their dtype, device and width; it may be the
+    tokens before they are gathered) feeding experts of inner widths `widths` (h, f).
+
+    Experts are grouped greedily, in count order when `permute` (default: when the E x d x h
+    weights are no larger than the N x (d + h) rows, so gathering them costs less than the
+    rows) and else in expert order: a group takes the next expert while it has fewer than
+    PAD_GROUP and its padded rows (experts x largest count) stay within 1 + pad_tolerance
+    (default PAD_TOLERANCE) of its real rows. With at most E / 2 groups the rows are padded
+    into them; else the GEMMs run one per expert (torch._grouped_mm where
+    grouped_gemm_offsets allows), as groups of one.
+    """
+    E, N, dev = len(counts), sum(counts), x.device
+    tol = PAD_TOLERANCE if pad_tolerance is None else pad_tolerance
+    if permute is None:
+        permute = E * x.shape[1] * widths[0] <= N * (x.shape[1] + widths[0])
+    order = sorted(range(E), key=lambda e: -counts[e]) if permute else list(range(E))
+    sizes: list[list[int]] = []  # per group: [experts, largest count, rows]
+    for e in order:
+        n, last = counts[e], sizes[-1] if sizes else None
+        if last and last[0] < PAD_GROUP and (last[0] + 1) * max(last[1], n) <= (1 + tol) * (last[2] + n):
+            last[0], last[1], last[2] = last[0] + 1, max(last[1], n), last[2] + n
+        else:
+            sizes.append([1, n, n])
+    if N and len(sizes) <= E / 2:
+        groups, p0, r0 = [], 0, 0
+        for k, C, _ in sizes:
+            groups.append((p0, p0 + k, C, r0))
+            p0, r0 = p0 + k, r0 + k * C
+        base = [0] * E  # each expert's first padded row
+        for p0, p1, C, g0 in groups:
+            for p in range(p0, p1):
+                base[order[p]] = g0 + (p - p0) * C
+        c = torch.tensor(counts, device=dev)
+        start = torch.cumsum(c, 0) - c
+        # sorted row i of expert e (the (i - start[e])-th of its rows) goes to base[e] + i - start[e]
+        dest = torch.repeat_interleave(torch.tensor(base, device=dev) - start, c, output_size=N) \
+            + torch.arange(N, device=dev)
+        rows_at = torch.tensor([C for p0, p1, C, _ in groups for _ in range(p0, p1)], device=dev)
+        row_expert = torch.repeat_interleave(torch.tensor(order, device=dev), rows_at, output_size=r0)
+        return RowLayout(counts, groups, r0, row_expert, dest=dest,
+                         perm=torch.tensor(order, device=dev) if permute else None)
+    c = torch.tensor(counts, device=dev)
+    row_expert = torch.repeat_interleave(torch.arange(E, device=dev), c, output_size=N)
+    starts = [0, *accumulate(counts)]
+    groups = [(e, e + 1, n, starts[e]) for e, n in enumerate(counts)]
+    return RowLayout(counts, groups, N, row_expert, offs=grouped_gemm_offsets(x, counts, *widths))
+
 
 def grouped_gemm_offsets(x: Tensor, counts: list[int], *widths: int) -> Tensor | None:
     """The experts' row offsets (int32 cumulative counts) when torch._grouped_mm can run the
@@ -122,31 +225,43 @@ def grouped_gemm_offsets(x: Tensor, counts: list[int], *widths: int) -> Tensor |
     return torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
 
 
-def _row_matmul(a: Tensor, w: Tensor, counts: list[int], offs: Tensor | None, transpose: bool = False) -> Tensor:
-    """[N, ·]: the rows of expert e times w[e] (w[e]ᵀ with `transpose`), for w [E, ·, ·]."""
+def _views(t: Tensor, group: tuple[int, int, int, int]) -> Tensor:
+    """A group's rows of t [rows, ·] as [e1 - e0, C, ·]."""
+    e0, e1, C, r0 = group
+    return t[r0:r0 + (e1 - e0) * C].view(e1 - e0, C, t.shape[1])
+
+
+def _row_matmul(a: Tensor, w: Tensor, layout: RowLayout, transpose: bool = False) -> Tensor:
+    """[rows, ·]: the rows of each expert times its w[p] (w[p]ᵀ with `transpose`), for w [E, ·, ·]
+    in layout order."""
     w = w.transpose(1, 2) if transpose else w
-    if offs is not None:
-        return torch._grouped_mm(a, w, offs=offs)
+    if layout.offs is not None:
+        return torch._grouped_mm(a, w, offs=layout.offs)
     out = a.new_empty(a.shape[0], w.shape[-1])
-    for ae, we, oe, n in zip(a.split(counts), w.unbind(0), out.split(counts), counts):
-        if n:
-            torch.mm(ae, we, out=oe)
+    for g in layout.groups:
+        e0, e1, C, r0 = g
+        if C and e1 - e0 == 1:  # mm, not a bmm of one: bmm parallelises over the batch only
+            torch.mm(a[r0:r0 + C], w[e0], out=out[r0:r0 + C])
+        elif C:
+            torch.bmm(_views(a, g), w[e0:e1], out=_views(out, g))
     return out
 
 
-def _add_bias(y: Tensor, b: Tensor, counts: list[int]) -> Tensor:
-    """y [N, ·] with b[e] added to the rows of expert e, in place (per expert: a gathered
-    [N, ·] bias would be a temporary as large as y)."""
-    for ye, be, n in zip(y.split(counts), b.unbind(0), counts):
-        if n:
-            ye.add_(be)
+def _add_bias(y: Tensor, b: Tensor, layout: RowLayout) -> Tensor:
+    """y [rows, ·] with b[p] added to the rows of layout position p, in place (group by group:
+    a gathered [rows, ·] bias would be a temporary as large as y)."""
+    for g in layout.groups:
+        if g[2]:
+            _views(y, g).add_(b[g[0]:g[1]].unsqueeze(1))
     return y
 
 
-def _weight_grad(a: Tensor, g: Tensor, counts: list[int], offs: Tensor | None, out: Tensor | None) -> Tensor:
-    """[E, ·, ·]: Σ over the rows of expert e of a[rows]ᵀ · g[rows] (zero for an expert without
-    rows), written into `out` when given (then a quarter of the experts at a time: the grouped
-    GEMM has no `out=`, and a whole stack-sized temporary raised SaMoE's peak memory by 2%)."""
+def _weight_grad(a: Tensor, g: Tensor, layout: RowLayout, out: Tensor | None) -> Tensor:
+    """[E, ·, ·] in layout order: Σ over the rows of position p of a[rows]ᵀ · g[rows] (zero for an
+    expert without rows), written into `out` when given (then with torch._grouped_mm a quarter of
+    the experts at a time: it has no `out=`, and a whole stack-sized temporary raised SaMoE's
+    peak memory by 2%)."""
+    offs, counts = layout.offs, layout.counts
     if offs is not None and out is None:
         return torch._grouped_mm(a.t(), g, offs=offs)
     if offs is not None:
@@ -156,78 +271,94 @@ def _weight_grad(a: Tensor, g: Tensor, counts: list[int], offs: Tensor | None, o
             out[s:s + step].copy_(torch._grouped_mm(a[r0:r1].t(), g[r0:r1], offs=offs[s:s + step] - r0))
         return out
     out = a.new_empty(len(counts), a.shape[1], g.shape[1]) if out is None else out
-    for ae, ge, oe, n in zip(a.split(counts), g.split(counts), out.unbind(0), counts):
-        if n:
-            torch.mm(ae.t(), ge, out=oe)
+    for grp in layout.groups:
+        e0, e1, C, r0 = grp
+        if C and e1 - e0 == 1:
+            torch.mm(a[r0:r0 + C].t(), g[r0:r0 + C], out=out[e0])
+        elif C:
+            torch.bmm(_views(a, grp).transpose(1, 2), _views(g, grp), out=out[e0:e1])
         else:
-            oe.zero_()
+            out[e0:e1].zero_()
     return out
 
 
 class GroupedExpertFFN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, counts, activation, coef, w1, b1, w2, b2):
+    def forward(ctx, x, counts, activation, layout, coef, w1, b1, w2, b2):
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(dev, enabled=False):
             xc = x.to(dtype)
-            offs = grouped_gemm_offsets(xc, counts, w1.shape[-1], w2.shape[-2])
-            row_expert = torch.repeat_interleave(torch.arange(len(counts), device=x.device),
-                                                 torch.tensor(counts, device=x.device))
-            W1, B1 = _combine(w1, coef, dtype), _combine(b1, coef, dtype)
-            h = _add_bias(_row_matmul(xc, W1, counts, offs), B1, counts)
+            # given a layout, x and y are in its rows; else x is in sorted rows, padded here if
+            # row_layout pads, and y comes back in sorted rows
+            ctx.own_layout = layout is None
+            if layout is None:
+                layout = row_layout(xc, counts, w1.shape[-1], w2.shape[-2])
+            xp = layout.pad(xc) if ctx.own_layout else xc
+            W1, B1 = (layout.take(_combine(w, coef, dtype)) for w in (w1, b1))
+            h = _add_bias(_row_matmul(xp, W1, layout), B1, layout)
             del W1
             a = activate(h, activation)
-            W2, B2 = _combine(w2, coef, dtype), _combine(b2, coef, dtype)
-            y = _add_bias(_row_matmul(a, W2, counts, offs), B2, counts)
-        ctx.save_for_backward(xc, h, row_expert, offs, coef, w1, b1, w2, b2)
-        ctx.counts, ctx.activation, ctx.x_dtype = counts, activation, x.dtype
+            W2, B2 = (layout.take(_combine(w, coef, dtype)) for w in (w2, b2))
+            y = _add_bias(_row_matmul(a, W2, layout), B2, layout)
+            y = layout.unpad(y) if ctx.own_layout else y
+        ctx.save_for_backward(xp, h, coef, w1, b1, w2, b2)
+        ctx.layout, ctx.activation, ctx.x_dtype = layout, activation, x.dtype
         return y
 
     @staticmethod
     def backward(ctx, gy):
-        xc, h, row_expert, offs, coef, w1, b1, w2, b2 = ctx.saved_tensors
-        dtype = xc.dtype
-        gy = gy.to(dtype).contiguous()  # the grouped GEMM needs real strides (a sum's gradient is expanded)
-        counts = ctx.counts
-        E = len(counts)
+        xp, h, coef, w1, b1, w2, b2 = ctx.saved_tensors
+        layout = ctx.layout
+        dtype = xp.dtype
+        # the grouped GEMM needs real strides (a sum's gradient is expanded). Rows padded here get
+        # zero gradients; so must a given layout's padding rows (their gates are zero), as the
+        # weight gradients sum over all rows
+        gy = gy.to(dtype).contiguous()
+        gy = layout.pad(gy) if ctx.own_layout else gy
+        E = len(layout.counts)
         gcoef = torch.zeros_like(coef) if coef is not None else None
 
         def pool_grad(w: Tensor) -> Tensor | None:
-            """A pool of the compute dtype: its gradient buffer, whose slice 0 takes the experts'
-            gradient ∂L/∂W first, so no other stack-sized buffer is needed (_source_grad then
-            scales it in place). Else None: ∂L/∂W gets a buffer of its own."""
-            return torch.empty_like(w) if coef is not None and w.dtype == dtype else None
+            """A pool of the compute dtype in natural order: its gradient buffer, whose slice 0
+            takes the experts' gradient ∂L/∂W first, so no other stack-sized buffer is needed
+            (_source_grad then scales it in place). Else None: ∂L/∂W gets a buffer of its own."""
+            return torch.empty_like(w) if coef is not None and w.dtype == dtype and layout.perm is None else None
 
-        with torch.autocast(xc.device.type, enabled=False):
+        with torch.autocast(xp.device.type, enabled=False):
             # pass 2 backwards: ∂L/∂a and W2's gradients, then the activation over all rows at once
             a = activate(h, ctx.activation)
-            W2, out2 = _combine(w2, coef, dtype), pool_grad(w2)
-            ga = _row_matmul(gy, W2, counts, offs, transpose=True)
-            gW2 = _weight_grad(a, gy, counts, offs, None if out2 is None else out2[0])
+            W2, out2 = layout.take(_combine(w2, coef, dtype)), pool_grad(w2)
+            ga = _row_matmul(gy, W2, layout, transpose=True)
+            gW2 = layout.give_back(_weight_grad(a, gy, layout, None if out2 is None else out2[0]))
             del W2, a
             gh = activation_backward(ga, h, ctx.activation)
             del ga
             gw2 = _source_grad(w2, coef, gcoef, gW2, out2)
             del gW2, out2
             # pass 1 backwards: ∂L/∂x and W1's gradients
-            W1, out1 = _combine(w1, coef, dtype), pool_grad(w1)
-            gx = _row_matmul(gh, W1, counts, offs, transpose=True)  # every row belongs to some expert
-            gW1 = _weight_grad(xc, gh, counts, offs, None if out1 is None else out1[0])
+            W1, out1 = layout.take(_combine(w1, coef, dtype)), pool_grad(w1)
+            gx = _row_matmul(gh, W1, layout, transpose=True)  # every row belongs to some expert
+            gx = layout.unpad(gx) if ctx.own_layout else gx
+            gW1 = layout.give_back(_weight_grad(xp, gh, layout, None if out1 is None else out1[0]))
             del W1
             gw1 = _source_grad(w1, coef, gcoef, gW1, out1)
             del gW1, out1
-            # bias gradients: one segment sum each, over the rows' expert ids (skipped for the
-            # constant zero biases of `bias: false`, which also add nothing to ∂L/∂c)
-            gb1, gb2 = (_source_grad(b, coef, gcoef, g.new_zeros(E, g.shape[1]).index_add_(0, row_expert, g))
+            # bias gradients: one segment sum each, over the rows' expert ids (padding rows have
+            # zero gradients; skipped for the constant zero biases of `bias: false`, which also
+            # add nothing to ∂L/∂c)
+            gb1, gb2 = (_source_grad(b, coef, gcoef, g.new_zeros(E, g.shape[1]).index_add_(0, layout.row_expert, g))
                         if ctx.needs_input_grad[i] else None
-                        for b, g, i in ((b1, gh, 5), (b2, gy, 7)))
-        return gx.to(ctx.x_dtype), None, None, gcoef, gw1, gb1, gw2, gb2
+                        for b, g, i in ((b1, gh, 6), (b2, gy, 8)))
+        return gx.to(ctx.x_dtype), None, None, None, gcoef, gw1, gb1, gw2, gb2
 
 
-def grouped_expert_ffn(x: Tensor, counts: list[int], source: ExpertSource, activation: str) -> Tensor:
-    """y [N, d] for expert-sorted x [N, d] with counts[e] rows for expert e."""
-    return GroupedExpertFFN.apply(x, counts, activation, source.coef, *source.tensors())
+def grouped_expert_ffn(x: Tensor, counts: list[int], source: ExpertSource, activation: str,
+                       layout: RowLayout | None = None) -> Tensor:
+    """y [N, d] for expert-sorted x [N, d] with counts[e] rows for expert e (row_layout chooses
+    how the GEMMs run). Given a `layout` (row_layout of these counts), x and y are in its rows
+    instead, [layout.rows, d], and padding rows must get zero output gradients."""
+    return GroupedExpertFFN.apply(x, counts, activation, layout, source.coef, *source.tensors())
 
 
 def gated_sum(x: Tensor, token: Tensor, gate: Tensor, y: Tensor) -> Tensor:
