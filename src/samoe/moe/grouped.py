@@ -122,7 +122,7 @@ GROUPED_GEMM = {"cpu": (torch.float32, torch.bfloat16)}
 # The padded layout (module docstring): at most PAD_GROUP experts in one batched GEMM; a group
 # grows while its padding rows stay within PAD_TOLERANCE of its real rows.
 PAD_GROUP = 8
-PAD_TOLERANCE = 0.15
+PAD_TOLERANCE = 0.3
 
 
 @dataclass
