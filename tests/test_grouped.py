@@ -57,7 +57,9 @@ LAYOUTS = {"per-expert": dict(pad_tolerance=-1.0), "padded": dict(pad_tolerance=
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("counts", [[3, 0, 4, 2], [0, 0, 5, 0], [1, 1, 1, 1]])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_outputs_and_gradients_equal_autograd_on_the_materialised_weights(pool, activation, counts, layout):
+def test_outputs_and_gradients_equal_autograd_on_the_materialised_weights(pool, activation, counts, layout,
+                                                                          monkeypatch):
+    monkeypatch.setattr(grouped_mod, "PAD_MIN_EXPERTS", 1)  # these 4 experts may be padded
     torch.manual_seed(0)
     source = make_source(pool, activation)
     x = torch.randn(sum(counts), D, dtype=torch.float64, requires_grad=True)
@@ -124,6 +126,7 @@ def test_model_gradients_equal_the_materialised_path(sharing, dropless, toleranc
     (tolerance -1) and padded, where the dispatcher lays out the slots with padding rows that
     read token 0 at gate 0 (tolerance inf)."""
     monkeypatch.setattr(grouped_mod, "PAD_TOLERANCE", tolerance)
+    monkeypatch.setattr(grouped_mod, "PAD_MIN_EXPERTS", 1)  # tiny has 4 experts
     cfg = load_config(preset="tiny", overrides=[f"model.moe.sharing={sharing}", f"model.moe.dropless={dropless}",
                                                 "model.moe.pool.granularity=expert", "model.moe.capacity_factor=0.5"])
     torch.manual_seed(0)
@@ -212,3 +215,9 @@ def test_a_padded_group_runs_as_one_batched_gemm(monkeypatch):
     source = ExpertSource(*(t.detach()[:1].expand(64, *t.shape[1:]).contiguous() for t in source.tensors()))
     grouped_expert_ffn(plan.pad(x), counts, source, "gelu", plan)
     assert len(calls) == 2 * 8
+
+
+def test_layers_with_few_experts_keep_a_gemm_per_expert():
+    x = torch.randn(512, 64)
+    assert row_layout(x, [128] * 4, 256, 256, pad_tolerance=float("inf")).dest is None  # tiny: 4 experts
+    assert row_layout(x, [64] * 8, 256, 256).dest is not None
