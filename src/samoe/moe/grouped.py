@@ -122,10 +122,14 @@ GROUPED_GEMM = {"cpu": (torch.float32, torch.bfloat16)}
 # The padded layout (module docstring): at most PAD_GROUP experts in one batched GEMM; a group
 # grows while its padding rows stay within PAD_TOLERANCE of its real rows; layers with fewer than
 # PAD_MIN_EXPERTS experts keep a GEMM per expert (the `tiny` preset's 4 experts of 128 rows at
-# d = 64 trained 10-15% slower padded: the layout's own tensor ops outweigh 3 saved GEMM calls).
+# d = 64 trained 10-15% slower padded: the layout's own tensor ops outweigh 3 saved GEMM calls);
+# and on one thread nothing is padded: the batched GEMM's gain is handing whole GEMMs to the
+# threads, and alone it ran the default's shape only 1.14x faster than a GEMM per expert (1.78x
+# on two), which padding gives back (the default's training step was 5-15% slower padded).
 PAD_GROUP = 8
 PAD_TOLERANCE = 0.3
 PAD_MIN_EXPERTS = 8
+PAD_MIN_THREADS = 2
 
 
 @dataclass
@@ -176,8 +180,9 @@ def row_layout(x: Tensor, counts: list[int], *widths: int, pad_tolerance: float 
     weights are no larger than the N x (d + h) rows, so gathering them costs less than the
     rows) and else in expert order: a group takes the next expert while it has fewer than
     PAD_GROUP and its padded rows (experts x largest count) stay within 1 + pad_tolerance
-    (default PAD_TOLERANCE) of its real rows. With at most E / 2 groups and at least
-    PAD_MIN_EXPERTS experts the rows are padded into them; else the GEMMs run one per expert (torch._grouped_mm where
+    (default PAD_TOLERANCE) of its real rows. With at most E / 2 groups, at least
+    PAD_MIN_EXPERTS experts and PAD_MIN_THREADS threads the rows are padded into them; else the
+    GEMMs run one per expert (torch._grouped_mm where
     grouped_gemm_offsets allows), as groups of one.
     """
     E, N, dev = len(counts), sum(counts), x.device
@@ -192,7 +197,7 @@ def row_layout(x: Tensor, counts: list[int], *widths: int, pad_tolerance: float 
             last[0], last[1], last[2] = last[0] + 1, max(last[1], n), last[2] + n
         else:
             sizes.append([1, n, n])
-    if N and E >= PAD_MIN_EXPERTS and len(sizes) <= E / 2:
+    if N and E >= PAD_MIN_EXPERTS and torch.get_num_threads() >= PAD_MIN_THREADS and len(sizes) <= E / 2:
         groups, p0, r0 = [], 0, 0
         for k, C, _ in sizes:
             groups.append((p0, p0 + k, C, r0))
