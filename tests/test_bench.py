@@ -192,3 +192,15 @@ def test_markdown_and_json_report(tmp_path, monkeypatch):
     assert json.loads(js.read_text()) == {"moe_vs_dense_e16": 1.2, "moe_vs_dense_e64": 1.4, "samoe_vs_moe": 1.1,
                                           "samoe_vs_moe_peak_mem": 0.5, "samoe_vs_moe_peak_mem_b1": 0.5,
                                           "peer_hf_switch_vs_ours": 1.5, "training_shapes": fake["training_shapes"]}
+
+
+def test_samoe_is_timed_on_the_moes_routing():
+    """(b) and (h) compare SaMoE with the MoE on identical routing (route_alike), so that both
+    take the same expert layout and the ratio is the pool's combination alone."""
+    torch.manual_seed(0)
+    shape = Shape(tokens=64, d_model=8, hidden=16)
+    moe, samoe = layers.moe_model(shape, 4), layers.moe_model(shape, 4, "pool")
+    x = torch.randn(64, 8)
+    assert not torch.equal(moe.moe_layers()[0].router(x).expert, samoe.moe_layers()[0].router(x).expert)
+    layers.route_alike(samoe, moe)
+    assert torch.equal(moe.moe_layers()[0].router(x).expert, samoe.moe_layers()[0].router(x).expert)

@@ -38,6 +38,16 @@ def moe_model(shape: Shape, num_experts: int, sharing: str = "private", pool_siz
     return GPT(cfg.model)
 
 
+def route_alike(model: GPT, like: GPT) -> GPT:
+    """`model` with `like`'s router weights in every MoE layer, so both route every token to the
+    same experts: SaMoE against the MoE then compares the expert computation alone, on the same
+    counts (with different routers the padded layout could group one model's experts and not
+    the other's, moe/grouped.py)."""
+    for layer, src in zip(model.moe_layers(), like.moe_layers()):
+        layer.router.load_state_dict(src.router.state_dict())
+    return model
+
+
 def fwd_bwd(layer, x: torch.Tensor, ids: torch.Tensor | None, owner: torch.nn.Module | None = None):
     """One forward + backward of a layer (an MoE FFN taking token ids, or a dense FFN);
     `owner` holds its parameters when a pool lives outside the layer."""
@@ -62,7 +72,7 @@ def layer_ratios(shape: Shape, experts: tuple[int, ...] = (16, 64), pool_size: i
     for E in experts:
         keep.append(moe_model(shape, E))
         cases[f"moe_e{E}"] = fwd_bwd(keep[-1].moe_layers()[0], x, ids, keep[-1])
-    keep.append(moe_model(shape, experts[0], "pool", pool_size))
+    keep.append(route_alike(moe_model(shape, experts[0], "pool", pool_size), keep[0]))
     cases[f"samoe_e{experts[0]}"] = fwd_bwd(keep[-1].moe_layers()[0], x, ids, keep[-1])
     t = interleaved_medians(cases, repeats)
     out = {f"time_{k}": v for k, v in t.items()}
@@ -154,6 +164,7 @@ def training_shapes(shape: Shape, tokens: tuple[int, ...], bytes_per_s: float, r
             router = "switch" if k == 1 else "topk"
             moe, samoe = (moe_model(Shape(T, d, f), E, sharing, router=router, top_k=k, expert_hidden=width)
                           for sharing in ("private", "pool"))
+            route_alike(samoe, moe)
             t = interleaved_medians({
                 "dense": fwd_bwd(FeedForward(d, f, shape.activation, 1), x, None),
                 "moe": fwd_bwd(moe.moe_layers()[0], x, ids, moe),
