@@ -12,8 +12,9 @@ counts each step):
 - padded: experts of similar counts are grouped, up to PAD_GROUP at a time, and each group's
   rows sit in a buffer padded to its largest count, so the group is one torch.bmm on
   [experts, C, ·] views. On 2 CPU threads, at small per-expert GEMMs (the default preset: 64
-  experts, 128 rows x 128 x 64 each) a bmm ran 1.8x faster than a GEMM per expert: it hands
-  whole GEMMs to the threads, where a lone small GEMM is split between them. Padding rows
+  experts, 128 rows x 128 x 64 each) a bmm ran 1.4-1.8x faster than a GEMM per expert
+  (scripts/gemm_layouts.py): it hands whole GEMMs to the threads, where a lone small GEMM is
+  split between them. Padding rows
   cost FLOPs, so a group only grows while they stay within PAD_TOLERANCE of its real rows;
   experts are grouped in count order (their weights gathered into that order) when the
   weights are small beside the rows, else in expert order. The dispatcher (moe/dispatch.py)
@@ -124,8 +125,8 @@ GROUPED_GEMM = {"cpu": (torch.float32, torch.bfloat16)}
 # PAD_MIN_EXPERTS experts keep a GEMM per expert (the `tiny` preset's 4 experts of 128 rows at
 # d = 64 trained 10-15% slower padded: the layout's own tensor ops outweigh 3 saved GEMM calls);
 # and on one thread nothing is padded: the batched GEMM's gain is handing whole GEMMs to the
-# threads, and alone it ran the default's shape only 1.14x faster than a GEMM per expert (1.78x
-# on two), which padding gives back (the default's training step was 5-15% slower padded).
+# threads, and alone it ran the default's shape only 1.1-1.2x faster than a GEMM per expert
+# (1.4-1.8x on two), which padding gives back (the default's training step was 5-15% slower).
 PAD_GROUP = 8
 PAD_TOLERANCE = 0.3
 PAD_MIN_EXPERTS = 8

@@ -1,0 +1,52 @@
+"""The experts' GEMMs three ways, for docs/fast-moe.md's table of the padded layout:
+
+    python scripts/gemm_layouts.py            # 2 threads (the machine's default)
+    OMP_NUM_THREADS=1 python scripts/gemm_layouts.py
+
+For each shape (E experts of `rows` rows each, d x h weights): the three GEMMs of one FFN matrix
+(forward x·W, input gradient g·Wᵀ, weight gradient xᵀ·g) over all experts' rows as one dense
+GEMM (the floor), one GEMM per expert (torch._grouped_mm, which loops over the experts on the
+CPU) and one batched GEMM (torch.bmm); then, at the default preset's shape, bmm over G experts
+at a time. Median of 15 interleaved repeats (samoe.bench.timing), in ms.
+"""
+
+import torch
+
+from samoe.bench.timing import interleaved_medians
+from samoe.malloc import keep_freed_memory
+
+SHAPES = ((64, 128, 128, 64), (16, 128, 256, 1024), (64, 32, 256, 1024), (32, 256, 128, 128))
+
+
+def main() -> None:
+    keep_freed_memory()
+    torch.manual_seed(0)
+    print(f"threads: {torch.get_num_threads()}")
+    for E, rows, d, h in SHAPES:
+        N = E * rows
+        w, x, g = torch.randn(E, d, h), torch.randn(N, d), torch.randn(N, h)
+        offs = torch.arange(1, E + 1, dtype=torch.int32) * rows
+        xs, gs, w0 = x.view(E, rows, d), g.view(E, rows, h), w[0]
+        t = interleaved_medians({
+            "dense": lambda: (x @ w0, g @ w0.t(), x.t() @ g),
+            "per_expert": lambda: (torch._grouped_mm(x, w, offs=offs), torch._grouped_mm(g, w.transpose(1, 2), offs=offs),
+                                   torch._grouped_mm(x.t(), g, offs=offs)),
+            "bmm": lambda: (torch.bmm(xs, w), torch.bmm(gs, w.transpose(1, 2)), torch.bmm(xs.transpose(1, 2), gs)),
+        }, 15)
+        print(f"E {E}, {rows} rows, {d} x {h}: dense {1e3 * t['dense']:.2f}  per expert {1e3 * t['per_expert']:.2f}  "
+              f"bmm {1e3 * t['bmm']:.2f} ms")
+    E, rows, d, h = SHAPES[0]
+    w, xs, gs = torch.randn(E, d, h), torch.randn(E, rows, d), torch.randn(E, rows, h)
+
+    def in_groups(G: int):
+        def run():
+            for lo in range(0, E, G):
+                sl = slice(lo, lo + G)
+                torch.bmm(xs[sl], w[sl]), torch.bmm(gs[sl], w[sl].transpose(1, 2)), torch.bmm(xs[sl].transpose(1, 2), gs[sl])
+        return run
+    t = interleaved_medians({G: in_groups(G) for G in (1, 2, 4, 8, 16, 64)}, 15)
+    print("bmm of G experts a call, default shape: " + ", ".join(f"G {G}: {1e3 * s:.2f}" for G, s in t.items()) + " ms")
+
+
+if __name__ == "__main__":
+    main()
