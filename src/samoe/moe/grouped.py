@@ -182,8 +182,8 @@ def row_layout(x: Tensor, counts: list[int], *widths: int, pad_tolerance: float 
     rows) and else in expert order: a group takes the next expert while it has fewer than
     PAD_GROUP and its padded rows (experts x largest count) stay within 1 + pad_tolerance
     (default PAD_TOLERANCE) of its real rows. With at most E / 2 groups, at least
-    PAD_MIN_EXPERTS experts and PAD_MIN_THREADS threads the rows are padded into them; else the
-    GEMMs run one per expert (torch._grouped_mm where
+    PAD_MIN_EXPERTS experts and, on the CPU, PAD_MIN_THREADS threads the rows are padded into
+    them; else the GEMMs run one per expert (torch._grouped_mm where
     grouped_gemm_offsets allows), as groups of one.
     """
     E, N, dev = len(counts), sum(counts), x.device
@@ -198,7 +198,8 @@ def row_layout(x: Tensor, counts: list[int], *widths: int, pad_tolerance: float 
             last[0], last[1], last[2] = last[0] + 1, max(last[1], n), last[2] + n
         else:
             sizes.append([1, n, n])
-    if N and E >= PAD_MIN_EXPERTS and torch.get_num_threads() >= PAD_MIN_THREADS and len(sizes) <= E / 2:
+    threads_ok = dev.type != "cpu" or torch.get_num_threads() >= PAD_MIN_THREADS  # (the thread rule is the CPU's)
+    if N and E >= PAD_MIN_EXPERTS and threads_ok and len(sizes) <= E / 2:
         groups, p0, r0 = [], 0, 0
         for k, C, _ in sizes:
             groups.append((p0, p0 + k, C, r0))
