@@ -233,3 +233,16 @@ def test_few_experts_or_one_thread_keep_a_gemm_per_expert(monkeypatch):
         assert row_layout(x, [64] * 8, 256, 256).dest is None
     finally:
         torch.set_num_threads(threads)
+
+
+def test_under_bf16_autocast_the_layout_is_chosen_for_bf16_rows():
+    """Rows of 12 fp32 values are 16-byte multiples, of 12 bf16 values not: under bf16 autocast
+    the layout keeps the loop (torch._grouped_mm would refuse the rows), and the layer runs."""
+    x = torch.randn(10, 12)
+    assert row_layout(x, [4, 6], 16, 12).offs is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert row_layout(x, [4, 6], 16, 12).offs is None
+        source = make_source(None, "gelu", torch.float32, d=12, f=16)
+        y = grouped_expert_ffn(x.requires_grad_(), [4, 6, 0, 0], source, "gelu")
+    y.float().sum().backward()
+    assert torch.isfinite(x.grad).all()

@@ -140,7 +140,8 @@ class RowLayout:
     Rows arrive sorted by expert (counts[e] rows for expert e, natural order). A layout either
     keeps them so (`dest` None: one GEMM per expert, by the loop or torch._grouped_mm) or
     scatters them into a padded buffer of `rows` rows (`dest` [N]: the padded row of each sorted
-    row; padding rows are zero). Either way the GEMMs run over `groups`, tuples (e0, e1, C, r0):
+    row; padding rows are zero when padded by `pad`, and may hold any rows whose output gradients
+    are zero, as the dispatcher's do). Either way the GEMMs run over `groups`, tuples (e0, e1, C, r0):
     layout positions e0..e1-1 hold C rows each, from row r0, so a group is one bmm on views
     [e1 - e0, C, ·]. Position p holds expert perm[p] (natural order when perm is None): sorting
     the experts by count before grouping them keeps the padding small, at the price of gathering
@@ -188,6 +189,8 @@ def row_layout(x: Tensor, counts: list[int], *widths: int, pad_tolerance: float 
     """
     E, N, dev = len(counts), sum(counts), x.device
     tol = PAD_TOLERANCE if pad_tolerance is None else pad_tolerance
+    # the GEMMs run in the autocast dtype where autocast is on (GroupedExpertFFN.forward)
+    dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
     if permute is None:
         permute = E * x.shape[1] * widths[0] <= N * (x.shape[1] + widths[0])
     order = sorted(range(E), key=lambda e: -counts[e]) if permute else list(range(E))
@@ -221,16 +224,17 @@ def row_layout(x: Tensor, counts: list[int], *widths: int, pad_tolerance: float 
     row_expert = torch.repeat_interleave(torch.arange(E, device=dev), c, output_size=N)
     starts = [0, *accumulate(counts)]
     groups = [(e, e + 1, n, starts[e]) for e, n in enumerate(counts)]
-    return RowLayout(counts, groups, N, row_expert, offs=grouped_gemm_offsets(x, counts, *widths))
+    return RowLayout(counts, groups, N, row_expert, offs=grouped_gemm_offsets(x, counts, *widths, dtype=dtype))
 
 
-def grouped_gemm_offsets(x: Tensor, counts: list[int], *widths: int) -> Tensor | None:
+def grouped_gemm_offsets(x: Tensor, counts: list[int], *widths: int, dtype: torch.dtype | None = None) -> Tensor | None:
     """The experts' row offsets (int32 cumulative counts) when torch._grouped_mm can run the
-    FFN's GEMMs on x: a device and dtype of GROUPED_GEMM, every width (d, h, and x's own) a
-    16-byte multiple. None: the loop over experts runs them."""
-    if x.dtype not in GROUPED_GEMM.get(x.device.type, ()) or not hasattr(torch, "_grouped_mm"):
+    FFN's GEMMs on x's rows in `dtype` (default x's): a device and dtype of GROUPED_GEMM, every
+    width (d, h, and x's own) a 16-byte multiple. None: the loop over experts runs them."""
+    dtype = dtype or x.dtype
+    if dtype not in GROUPED_GEMM.get(x.device.type, ()) or not hasattr(torch, "_grouped_mm"):
         return None
-    if any(w * x.element_size() % 16 for w in (x.shape[1], *widths)):
+    if any(w * dtype.itemsize % 16 for w in (x.shape[1], *widths)):
         return None
     return torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
 
