@@ -59,6 +59,7 @@ LAYOUTS = {"per-expert": dict(pad_tolerance=-1.0), "padded": dict(pad_tolerance=
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_outputs_and_gradients_equal_autograd_on_the_materialised_weights(pool, activation, counts, layout,
                                                                           monkeypatch):
+    monkeypatch.setattr(grouped_mod, "PAD_ENABLED", True)
     monkeypatch.setattr(grouped_mod, "PAD_MIN_EXPERTS", 1)  # these 4 experts may be padded,
     monkeypatch.setattr(grouped_mod, "PAD_MIN_THREADS", 1)  # on any number of threads
     torch.manual_seed(0)
@@ -127,6 +128,7 @@ def test_model_gradients_equal_the_materialised_path(sharing, dropless, toleranc
     (tolerance -1) and padded, where the dispatcher lays out the slots with padding rows that
     read token 0 at gate 0 (tolerance inf)."""
     monkeypatch.setattr(grouped_mod, "PAD_TOLERANCE", tolerance)
+    monkeypatch.setattr(grouped_mod, "PAD_ENABLED", True)
     monkeypatch.setattr(grouped_mod, "PAD_MIN_EXPERTS", 1)  # tiny has 4 experts
     monkeypatch.setattr(grouped_mod, "PAD_MIN_THREADS", 1)
     cfg = load_config(preset="tiny", overrides=[f"model.moe.sharing={sharing}", f"model.moe.dropless={dropless}",
@@ -187,6 +189,7 @@ def test_the_padded_layout_groups_experts_and_pads_each_group_to_its_largest_cou
     """Twelve experts, any padding allowed, so groups of PAD_GROUP = 8: in expert order experts 0-7
     and 8-11, each padded to its largest count; sorted by count the groups hold similar counts
     and pad less. Every sorted row lands on its own padded row, and padding rows are zero."""
+    monkeypatch.setattr(grouped_mod, "PAD_ENABLED", True)
     monkeypatch.setattr(grouped_mod, "PAD_MIN_THREADS", 1)
     counts = [5, 1, 0, 2, 2, 7, 1, 1, 3, 3, 0, 4]
     x = torch.arange(1, sum(counts) + 1, dtype=torch.float64).unsqueeze(1).repeat(1, 4)
@@ -208,6 +211,7 @@ def test_the_padded_layout_groups_experts_and_pads_each_group_to_its_largest_cou
 def test_a_padded_group_runs_as_one_batched_gemm(monkeypatch):
     """The default preset's shape (64 experts of width 64, d = 128, near-balanced counts) takes the
     sorted padded layout: 8 bmm calls per GEMM instead of 64."""
+    monkeypatch.setattr(grouped_mod, "PAD_ENABLED", True)
     monkeypatch.setattr(grouped_mod, "PAD_MIN_THREADS", 1)
     counts = [120 + (e * 7) % 17 for e in range(64)]
     x = torch.randn(sum(counts), 128)
@@ -222,8 +226,10 @@ def test_a_padded_group_runs_as_one_batched_gemm(monkeypatch):
 
 
 def test_few_experts_or_one_thread_keep_a_gemm_per_expert(monkeypatch):
-    monkeypatch.setattr(grouped_mod, "PAD_MIN_THREADS", 1)
     x = torch.randn(512, 64)
+    assert row_layout(x, [64] * 8, 256, 256).dest is None  # off unless switched on (PAD_ENABLED)
+    monkeypatch.setattr(grouped_mod, "PAD_ENABLED", True)
+    monkeypatch.setattr(grouped_mod, "PAD_MIN_THREADS", 1)
     assert row_layout(x, [128] * 4, 256, 256, pad_tolerance=float("inf")).dest is None  # tiny: 4 experts
     assert row_layout(x, [64] * 8, 256, 256).dest is not None
     threads = torch.get_num_threads()
