@@ -198,18 +198,19 @@ def row_layout(x: Tensor, counts: list[int], *widths: int, pad_tolerance: float 
     tol = PAD_TOLERANCE if pad_tolerance is None else pad_tolerance
     # the GEMMs run in the autocast dtype where autocast is on (GroupedExpertFFN.forward)
     dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
-    if permute is None:
-        permute = E * x.shape[1] * widths[0] <= N * (x.shape[1] + widths[0])
-    order = sorted(range(E), key=lambda e: -counts[e]) if permute else list(range(E))
-    sizes: list[list[int]] = []  # per group: [experts, largest count, rows]
-    for e in order:
-        n, last = counts[e], sizes[-1] if sizes else None
-        if last and last[0] < PAD_GROUP and (last[0] + 1) * max(last[1], n) <= (1 + tol) * (last[2] + n):
-            last[0], last[1], last[2] = last[0] + 1, max(last[1], n), last[2] + n
-        else:
-            sizes.append([1, n, n])
     threads_ok = dev.type != "cpu" or torch.get_num_threads() >= PAD_MIN_THREADS  # (the thread rule is the CPU's)
-    if N and PAD_ENABLED and E >= PAD_MIN_EXPERTS and threads_ok and len(sizes) <= E / 2:
+    sizes: list[list[int]] = []  # per group: [experts, largest count, rows]; grouped only where padding may be taken
+    if N and PAD_ENABLED and E >= PAD_MIN_EXPERTS and threads_ok:
+        if permute is None:
+            permute = E * x.shape[1] * widths[0] <= N * (x.shape[1] + widths[0])
+        order = sorted(range(E), key=lambda e: -counts[e]) if permute else list(range(E))
+        for e in order:
+            n, last = counts[e], sizes[-1] if sizes else None
+            if last and last[0] < PAD_GROUP and (last[0] + 1) * max(last[1], n) <= (1 + tol) * (last[2] + n):
+                last[0], last[1], last[2] = last[0] + 1, max(last[1], n), last[2] + n
+            else:
+                sizes.append([1, n, n])
+    if sizes and len(sizes) <= E / 2:
         groups, p0, r0 = [], 0, 0
         for k, C, _ in sizes:
             groups.append((p0, p0 + k, C, r0))
