@@ -9,19 +9,21 @@ expert's matrices run once on its rows, in two passes over the experts:
 
 How the GEMMs of a pass run is the layout's choice (RowLayout, chosen by row_layout from the
 counts each step):
-- padded: experts of similar counts are grouped, up to PAD_GROUP at a time, and each group's
-  rows sit in a buffer padded to its largest count, so the group is one torch.bmm on
-  [experts, C, ·] views. On 2 CPU threads, at small per-expert GEMMs (the default preset: 64
-  experts, 128 rows x 128 x 64 each) a bmm ran 1.4-1.8x faster than a GEMM per expert
-  (scripts/gemm_layouts.py): it hands whole GEMMs to the threads, where a lone small GEMM is
-  split between them. Padding rows
-  cost FLOPs, so a group only grows while they stay within PAD_TOLERANCE of its real rows;
-  experts are grouped in count order (their weights gathered into that order) when the
-  weights are small beside the rows, else in expert order. The dispatcher (moe/dispatch.py)
-  lays the slots out padded already, so the tokens are gathered once;
-- per expert, when grouping finds too little to group: one grouped GEMM (`torch._grouped_mm`
-  with the experts' row offsets) where it runs (the CPU in fp32 and bf16, every operand's rows
-  16-byte multiples; it loops over the experts inside), else a loop of torch.mm.
+- per expert: one grouped GEMM (`torch._grouped_mm` with the experts' row offsets) where it
+  runs (the CPU in fp32 and bf16, every operand's rows 16-byte multiples; it loops over the
+  experts inside), else a loop of torch.mm. The default;
+- padded (opt-in, PAD_ENABLED): rows padded so that several experts share one torch.bmm on
+  [experts, C, ·] views, which hands whole GEMMs to the threads where a lone small GEMM is split
+  between them. Levels when the weights are small beside the rows: the experts sorted by count
+  (weights gathered into that order), level j holding the next C_j rows of every expert that
+  has them, so a level is one bmm over a prefix of the experts and an expert's rows may span
+  several levels (its weight gradient summed over them). Groups of neighbouring experts when
+  the weights are large, each group padded to its largest count. Padding rows cost FLOPs, so
+  either is taken only while they stay within PAD_TOLERANCE of the real rows. The dispatcher
+  (moe/dispatch.py) lays the slots out padded already, so the tokens are gathered once. On
+  fresh routers' near-even counts a bmm ran 1.4-1.8x faster than a GEMM per expert at the
+  default preset's shape (scripts/gemm_layouts.py); on trained routing (6 to 411 rows an
+  expert) it gained nothing end to end (docs/fast-moe.md), hence off by default.
 
 Why this shape:
 - the activation (and its backward) runs once over [N, h], not once per expert: elementwise
@@ -120,24 +122,39 @@ def _source_grad(w: Tensor, coef: Tensor | None, gcoef: Tensor | None, g: Tensor
 # adds it for its own checks and times it against the loop.
 GROUPED_GEMM = {"cpu": (torch.float32, torch.bfloat16)}
 
-# The padded layout (module docstring): at most PAD_GROUP experts in one batched GEMM; a group
-# grows while its padding rows stay within PAD_TOLERANCE of its real rows; layers with fewer than
-# PAD_MIN_EXPERTS experts keep a GEMM per expert (the `tiny` preset's 4 experts of 128 rows at
-# d = 64 trained 10-15% slower padded: the layout's own tensor ops outweigh 3 saved GEMM calls);
-# and on one thread nothing is padded: the batched GEMM's gain is handing whole GEMMs to the
-# threads, and alone it ran the default's shape only 1.1-1.2x faster than a GEMM per expert
-# (1.4-1.8x on two), which padding gives back (the default's training step was 5-15% slower).
+# The padded layouts (module docstring). Levels (experts sorted by count, weights gathered into
+# that order; _levels): bands of experts padded to their largest count while that stays within
+# LEVEL_TOLERANCE of their rows, and every level at least LEVEL_MIN_ROWS high (on trained counts of
+# the default preset, 6-411 rows an expert: 1.12x the rows in 8 levels). Groups (expert order,
+# for weights too large to gather): at most PAD_GROUP neighbours, each padded to its largest
+# count. Either is taken only while all its padding stays within PAD_TOLERANCE of the real rows.
+# Layers with fewer than PAD_MIN_EXPERTS experts keep a GEMM per expert (the `tiny` preset's 4
+# experts of 128 rows at d = 64 trained 10-15% slower padded: the layout's own tensor ops outweigh
+# 3 saved GEMM calls); and on one thread nothing is padded: the batched GEMM's gain is handing
+# whole GEMMs to the threads, and alone it ran the default's shape only 1.1-1.2x faster than a
+# GEMM per expert (1.4-1.8x on two), which padding gives back.
 #
-# PAD_ENABLED is off: in real training the padded rows change size every step, and with glibc
-# keeping freed memory (samoe/malloc.py) the heap fragments: `samoe train` (default preset, 250
-# steps, 2 threads) peaked at 3.3 GB of RSS padded against 1.5 GB per expert, for 84 s against
-# 86 s. Sizes rounded to a few buckets would let the heap reuse its blocks; until that is done
-# and measured, the padded layout is opt-in (the tests switch it on; so can a benchmark).
+# The padded rows are rounded up to ROW_BUCKETS steps per power of two (bucket_rows; the rows past
+# the layout's are zeros): the padded size changes every step, and with glibc keeping freed memory
+# (samoe/malloc.py) unrounded sizes fragmented the heap: `samoe train` (default preset, 250 steps)
+# peaked at 3.3 GB of RSS padded against 1.5 GB per expert; rounded, 1.54 GB against 1.52.
+#
+# PAD_ENABLED is off: in that run (2 threads, levels) the padded layout took 110.5 s against
+# 107.6-110.1 s per expert: trained routing is too uneven for it to pay (docs/fast-moe.md).
 PAD_ENABLED = False
 PAD_GROUP = 8
 PAD_TOLERANCE = 0.3
 PAD_MIN_EXPERTS = 8
 PAD_MIN_THREADS = 2
+LEVEL_MIN_ROWS = 32
+LEVEL_TOLERANCE = 0.1
+ROW_BUCKETS = 16
+
+
+def bucket_rows(n: int) -> int:
+    """n rounded up to a multiple of 2^⌊log2 n⌋ / ROW_BUCKETS (at most 1/ROW_BUCKETS more)."""
+    step = max(1, (1 << (max(n, 1).bit_length() - 1)) // ROW_BUCKETS)
+    return -(-n // step) * step
 
 
 @dataclass
@@ -150,18 +167,23 @@ class RowLayout:
     row; padding rows are zero when padded by `pad`, and may hold any rows whose output gradients
     are zero, as the dispatcher's do). Either way the GEMMs run over `groups`, tuples (e0, e1, C, r0):
     layout positions e0..e1-1 hold C rows each, from row r0, so a group is one bmm on views
-    [e1 - e0, C, ·]. Position p holds expert perm[p] (natural order when perm is None): sorting
-    the experts by count before grouping them keeps the padding small, at the price of gathering
-    the weights into that order (taken only when the weights are no larger than the rows).
+    [e1 - e0, C, ·]. Groups may share positions (levels: an expert's rows in several of them),
+    so weight gradients accumulate over its groups. Rows from `used` to `rows` belong to no
+    group and stay zero (the size rounded up, bucket_rows). Position p holds expert perm[p]
+    (natural order when perm is None).
     """
 
     counts: list[int]
     groups: list[tuple[int, int, int, int]]
     rows: int
-    row_expert: Tensor  # [rows] natural expert id of each row (padding rows: their position's)
+    row_expert: Tensor  # [rows] natural expert id of each row (padding rows: any)
     offs: Tensor | None = None  # torch._grouped_mm's offsets, when it runs the GEMMs
     dest: Tensor | None = None
     perm: Tensor | None = None
+    used: int | None = None  # rows the groups cover (default all)
+
+    def __post_init__(self):
+        self.used = self.rows if self.used is None else self.used
 
     def pad(self, t: Tensor) -> Tensor:
         """Sorted rows [N, ...] -> layout rows [rows, ...], zeros on padding rows."""
@@ -180,54 +202,111 @@ class RowLayout:
         return g if self.perm is None else torch.empty_like(g).index_copy_(0, self.perm, g)
 
 
+def _expert_groups(counts: list[int], tol: float) -> list[tuple[int, int, int, int]] | None:
+    """Neighbouring experts grouped greedily: a group takes the next expert while it has fewer
+    than PAD_GROUP and its padded rows (experts x largest count) stay within 1 + tol of its real
+    rows. None where that finds too little to group (more than E / 2 groups)."""
+    sizes: list[list[int]] = []  # per group: [experts, largest count, rows]
+    for n in counts:
+        last = sizes[-1] if sizes else None
+        if last and last[0] < PAD_GROUP and (last[0] + 1) * max(last[1], n) <= (1 + tol) * (last[2] + n):
+            last[0], last[1], last[2] = last[0] + 1, max(last[1], n), last[2] + n
+        else:
+            sizes.append([1, n, n])
+    if len(sizes) > len(counts) / 2:
+        return None
+    groups, p0, r0 = [], 0, 0
+    for k, C, _ in sizes:
+        groups.append((p0, p0 + k, C, r0))
+        p0, r0 = p0 + k, r0 + k * C
+    return groups
+
+
+def _levels(ordered: list[int], min_rows: int, tol: float) -> list[tuple[int, int, int, int]]:
+    """Counts in descending order -> levels (0, m_j, C_j, r0_j).
+
+    The experts are cut into bands of neighbours (in this order), each padded to its largest
+    count: a band takes the next expert while its padded rows stay within 1 + tol of its real
+    rows, and always when the next count is within min_rows of the band's top. The band tops,
+    ascending, are the level boundaries H_1 < H_2 < ...: level j holds rows [H_{j-1}, H_j) of the
+    m_j experts with more than H_{j-1} rows. Those are a prefix of the order, so one bmm with
+    C_j = H_j - H_{j-1} rows per expert takes a level, and every level is at least min_rows
+    high but the lowest (which all experts share)."""
+    bands: list[list[int]] = []  # [top, experts, rows], tops descending
+    for n in ordered:
+        if n == 0:
+            break
+        last = bands[-1] if bands else None
+        if last and (last[0] - n < min_rows or (last[1] + 1) * last[0] <= (1 + tol) * (last[2] + n)):
+            last[1], last[2] = last[1] + 1, last[2] + n
+        else:
+            bands.append([n, 1, n])
+    groups, r0, low, m = [], 0, 0, sum(b[1] for b in bands)
+    for top, k, _ in reversed(bands):
+        groups.append((0, m, top - low, r0))
+        r0, low, m = r0 + m * (top - low), top, m - k
+    return groups
+
+
 def row_layout(x: Tensor, counts: list[int], *widths: int, pad_tolerance: float | None = None,
-               permute: bool | None = None) -> RowLayout:
+               permute: bool | None = None, level_rows: int | None = None,
+               level_tolerance: float | None = None) -> RowLayout:
     """The layout for N = Σ counts rows of width d (x: their dtype, device and width; it may be the
     tokens before they are gathered) feeding experts of inner widths `widths` (h, f).
 
-    Experts are grouped greedily, in count order when `permute` (default: when the E x d x h
-    weights are no larger than the N x (d + h) rows, so gathering them costs less than the
-    rows) and else in expert order: a group takes the next expert while it has fewer than
-    PAD_GROUP and its padded rows (experts x largest count) stay within 1 + pad_tolerance
-    (default PAD_TOLERANCE) of its real rows. With PAD_ENABLED, at most E / 2 groups, at least
-    PAD_MIN_EXPERTS experts and, on the CPU, PAD_MIN_THREADS threads the rows are padded into
-    them; else the GEMMs run one per expert (torch._grouped_mm where
-    grouped_gemm_offsets allows), as groups of one.
+    With PAD_ENABLED, at least PAD_MIN_EXPERTS experts and, on the CPU, PAD_MIN_THREADS threads,
+    the rows may be padded: into levels of `level_rows` (default LEVEL_MIN_ROWS) rows over the
+    experts sorted by count when `permute` (default: when the E x d x h weights are no larger
+    than the N x (d + h) rows, so gathering them into that order costs less than the rows), else
+    into groups of neighbouring experts (_expert_groups); either only while the padding stays
+    within pad_tolerance (default PAD_TOLERANCE) of N. Otherwise the GEMMs run one per expert
+    (torch._grouped_mm where grouped_gemm_offsets allows), as groups of one.
     """
     E, N, dev = len(counts), sum(counts), x.device
     tol = PAD_TOLERANCE if pad_tolerance is None else pad_tolerance
     # the GEMMs run in the autocast dtype where autocast is on (GroupedExpertFFN.forward)
     dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
     threads_ok = dev.type != "cpu" or torch.get_num_threads() >= PAD_MIN_THREADS  # (the thread rule is the CPU's)
-    sizes: list[list[int]] = []  # per group: [experts, largest count, rows]; grouped only where padding may be taken
+    groups, order = None, None
     if N and PAD_ENABLED and E >= PAD_MIN_EXPERTS and threads_ok:
         if permute is None:
             permute = E * x.shape[1] * widths[0] <= N * (x.shape[1] + widths[0])
-        order = sorted(range(E), key=lambda e: -counts[e]) if permute else list(range(E))
-        for e in order:
-            n, last = counts[e], sizes[-1] if sizes else None
-            if last and last[0] < PAD_GROUP and (last[0] + 1) * max(last[1], n) <= (1 + tol) * (last[2] + n):
-                last[0], last[1], last[2] = last[0] + 1, max(last[1], n), last[2] + n
-            else:
-                sizes.append([1, n, n])
-    if sizes and len(sizes) <= E / 2:
-        groups, p0, r0 = [], 0, 0
-        for k, C, _ in sizes:
-            groups.append((p0, p0 + k, C, r0))
-            p0, r0 = p0 + k, r0 + k * C
-        base = [0] * E  # each expert's first padded row
-        for p0, p1, C, g0 in groups:
-            for p in range(p0, p1):
-                base[order[p]] = g0 + (p - p0) * C
+        if permute:
+            order = sorted(range(E), key=lambda e: -counts[e])
+            groups = _levels([counts[e] for e in order], LEVEL_MIN_ROWS if level_rows is None else level_rows,
+                             LEVEL_TOLERANCE if level_tolerance is None else level_tolerance)
+        else:
+            groups = _expert_groups(counts, tol)
+        used = sum((e1 - e0) * C for e0, e1, C, _ in groups) if groups else 0
+        if groups and used > (1 + tol) * N:
+            groups = None
+    if groups:
         c = torch.tensor(counts, device=dev)
         start = torch.cumsum(c, 0) - c
-        # sorted row i of expert e (the (i - start[e])-th of its rows) goes to base[e] + i - start[e]
-        dest = torch.repeat_interleave(torch.tensor(base, device=dev) - start, c, output_size=N) \
-            + torch.arange(N, device=dev)
-        rows_at = torch.tensor([C for p0, p1, C, _ in groups for _ in range(p0, p1)], device=dev)
-        row_expert = torch.repeat_interleave(torch.tensor(order, device=dev), rows_at, output_size=r0)
-        return RowLayout(counts, groups, r0, row_expert, dest=dest,
-                         perm=torch.tensor(order, device=dev) if permute else None)
+        within = torch.arange(N, device=dev) - torch.repeat_interleave(start, c, output_size=N)
+        rows = bucket_rows(used)
+        if order is None:  # sorted row i of expert e (its within-th row) goes to its group's block
+            base = [0] * E  # each expert's first padded row
+            for p0, p1, C, g0 in groups:
+                for p in range(p0, p1):
+                    base[p] = g0 + (p - p0) * C
+            dest = torch.repeat_interleave(torch.tensor(base, device=dev), c, output_size=N) + within
+            rows_at = [C for p0, p1, C, _ in groups for _ in range(p0, p1)]
+            row_expert = torch.repeat_interleave(torch.arange(E, device=dev), torch.tensor(rows_at, device=dev),
+                                                 output_size=used)
+        else:  # the within-th row of the expert at position p: at level j = #{H_i <= within},
+            # row r0_j + p·C_j + within - H_{j-1}
+            pos = torch.empty(E, dtype=torch.long, device=dev)
+            ordered = torch.tensor(order, device=dev)
+            pos[ordered] = torch.arange(E, device=dev)
+            C, r0 = (torch.tensor([g[i] for g in groups], device=dev) for i in (2, 3))
+            high = torch.cumsum(C, 0)
+            j = torch.searchsorted(high, within, right=True)
+            dest = r0[j] + torch.repeat_interleave(pos, c, output_size=N) * C[j] + within - (high - C)[j]
+            row_expert = torch.cat([ordered[:e1].repeat_interleave(h) for _, e1, h, _ in groups])
+        row_expert = torch.cat([row_expert, row_expert.new_zeros(rows - used)])
+        return RowLayout(counts, groups, rows, row_expert, dest=dest, used=used,
+                         perm=torch.tensor(order, device=dev) if order is not None else None)
     c = torch.tensor(counts, device=dev)
     row_expert = torch.repeat_interleave(torch.arange(E, device=dev), c, output_size=N)
     starts = [0, *accumulate(counts)]
@@ -255,7 +334,7 @@ def _views(t: Tensor, group: tuple[int, int, int, int]) -> Tensor:
 
 def _row_matmul(a: Tensor, w: Tensor, layout: RowLayout, transpose: bool = False) -> Tensor:
     """[rows, ·]: the rows of each expert times its w[p] (w[p]ᵀ with `transpose`), for w [E, ·, ·]
-    in layout order."""
+    in layout order; zero on the rows past layout.used."""
     w = w.transpose(1, 2) if transpose else w
     if layout.offs is not None:
         return torch._grouped_mm(a, w, offs=layout.offs)
@@ -266,12 +345,18 @@ def _row_matmul(a: Tensor, w: Tensor, layout: RowLayout, transpose: bool = False
             torch.mm(a[r0:r0 + C], w[e0], out=out[r0:r0 + C])
         elif C:
             torch.bmm(_views(a, g), w[e0:e1], out=_views(out, g))
+    out[layout.used:].zero_()
     return out
 
 
 def _add_bias(y: Tensor, b: Tensor, layout: RowLayout) -> Tensor:
-    """y [rows, ·] with b[p] added to the rows of layout position p, in place (group by group:
-    a gathered [rows, ·] bias would be a temporary as large as y)."""
+    """y [rows, ·] with b[p] added to the rows of layout position p, in place. Group by group for a
+    padded layout (few groups, and a gathered [rows, ·] bias would be a temporary as large as y);
+    with a GEMM per expert (as many groups as experts, an add of a few rows a call) the rows'
+    biases gathered and added in two calls: at the default preset's shape (64 experts) 0.2-0.3
+    ms against about 1 ms."""
+    if layout.dest is None and len(layout.groups) > PAD_GROUP:
+        return y.add_(b.index_select(0, layout.row_expert))
     for g in layout.groups:
         if g[2]:
             _views(y, g).add_(b[g[0]:g[1]].unsqueeze(1))
@@ -282,7 +367,8 @@ def _weight_grad(a: Tensor, g: Tensor, layout: RowLayout, out: Tensor | None) ->
     """[E, ·, ·] in layout order: Σ over the rows of position p of a[rows]ᵀ · g[rows] (zero for an
     expert without rows), written into `out` when given (then with torch._grouped_mm a quarter of
     the experts at a time: it has no `out=`, and a whole stack-sized temporary raised SaMoE's
-    peak memory by 2%)."""
+    peak memory by 2%). A group whose positions an earlier group wrote (a level above the first)
+    adds to them."""
     offs, counts = layout.offs, layout.counts
     if offs is not None and out is None:
         return torch._grouped_mm(a.t(), g, offs=offs)
@@ -293,14 +379,26 @@ def _weight_grad(a: Tensor, g: Tensor, layout: RowLayout, out: Tensor | None) ->
             out[s:s + step].copy_(torch._grouped_mm(a[r0:r1].t(), g[r0:r1], offs=offs[s:s + step] - r0))
         return out
     out = a.new_empty(len(counts), a.shape[1], g.shape[1]) if out is None else out
+    done = 0  # positions [0, done) written
     for grp in layout.groups:
         e0, e1, C, r0 = grp
+        write = e0 >= done
         if C and e1 - e0 == 1:
-            torch.mm(a[r0:r0 + C].t(), g[r0:r0 + C], out=out[e0])
+            at, gv = a[r0:r0 + C].t(), g[r0:r0 + C]
+            if write:
+                torch.mm(at, gv, out=out[e0])
+            else:
+                out[e0].addmm_(at, gv)
         elif C:
-            torch.bmm(_views(a, grp).transpose(1, 2), _views(g, grp), out=out[e0:e1])
-        else:
+            at, gv = _views(a, grp).transpose(1, 2), _views(g, grp)
+            if write:
+                torch.bmm(at, gv, out=out[e0:e1])
+            else:
+                out[e0:e1].baddbmm_(at, gv)
+        elif write:
             out[e0:e1].zero_()
+        done = max(done, e1)
+    out[done:].zero_()
     return out
 
 
