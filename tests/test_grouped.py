@@ -104,8 +104,13 @@ def test_many_experts_add_their_biases_through_gathered_rows(pool):
 @pytest.mark.parametrize("pool", [None, "layer", "expert"])
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("counts", [[3, 0, 4, 2], [0, 0, 5, 0], [5, 7, 1, 3]])
-def test_the_grouped_gemm_path_equals_autograd_on_the_materialised_weights(pool, activation, counts):
-    """fp32 with 16-byte rows (d = 8, f = 16) takes torch._grouped_mm's single GEMM per pass."""
+@pytest.mark.parametrize("chunk_bytes", [4 << 20, 0])
+def test_the_grouped_gemm_path_equals_autograd_on_the_materialised_weights(pool, activation, counts, chunk_bytes,
+                                                                           monkeypatch):
+    """fp32 with 16-byte rows (d = 8, f = 16) takes torch._grouped_mm's single GEMM per pass; a
+    pool's weight gradients whole, or (chunk_bytes 0, as for stacks above CHUNK_BYTES) a quarter
+    of the experts at a time."""
+    monkeypatch.setattr(grouped_mod, "CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     source = make_source(pool, activation, torch.float32, d=8, f=16)
     x = torch.randn(sum(counts), 8, requires_grad=True)

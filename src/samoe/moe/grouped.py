@@ -363,13 +363,20 @@ def _add_bias(y: Tensor, b: Tensor, layout: RowLayout) -> Tensor:
     return y
 
 
+# A weight gradient stack above this size is formed a quarter of the experts at a time (_weight_grad).
+CHUNK_BYTES = 4 << 20
+
+
 def _weight_grad(a: Tensor, g: Tensor, layout: RowLayout, out: Tensor | None) -> Tensor:
     """[E, ·, ·] in layout order: Σ over the rows of position p of a[rows]ᵀ · g[rows] (zero for an
-    expert without rows), written into `out` when given (then with torch._grouped_mm a quarter of
-    the experts at a time: it has no `out=`, and a whole stack-sized temporary raised SaMoE's
-    peak memory by 2%). A group whose positions an earlier group wrote (a level above the first)
-    adds to them."""
+    expert without rows), written into `out` when given (then with torch._grouped_mm, which has no
+    `out=`, a quarter of the experts at a time where the stack exceeds CHUNK_BYTES: a whole
+    stack-sized temporary raised SaMoE's peak memory by 2%; below, the three calls a chunk makes
+    cost more than the temporary). A group whose positions an earlier group wrote (a level above
+    the first) adds to them."""
     offs, counts = layout.offs, layout.counts
+    if offs is not None and out is not None and out.numel() * out.element_size() <= CHUNK_BYTES:
+        return out.copy_(torch._grouped_mm(a.t(), g, offs=offs))
     if offs is not None and out is None:
         return torch._grouped_mm(a.t(), g, offs=offs)
     if offs is not None:
