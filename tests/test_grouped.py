@@ -136,6 +136,32 @@ def test_the_loop_runs_what_the_grouped_gemm_cannot():
     assert grouped_gemm_offsets(torch.randn(4, 6), [4], 16, 16) is None
 
 
+@pytest.mark.parametrize("granularity", ["layer", "expert"])
+def test_a_pool_of_two_combines_by_lerp_with_the_gradients_of_the_softmax_logits(granularity):
+    """K = 2 combines with one torch.lerp, which reads only c[.., 1]: through the softmax that
+    makes the coefficients, every gradient (x, the pool, the logits) equals autograd's on the
+    einsum-combined weights."""
+    torch.manual_seed(0)
+    counts = [3, 0, 4, 2]
+    pool = make_source(None, "gelu", experts=E)
+    tensors = [t.detach().unsqueeze(0).repeat(2, *[1] * t.dim()).add_(torch.randn(2, *t.shape, dtype=t.dtype))
+               .requires_grad_() for t in pool.tensors()]
+    logits = torch.randn(2 if granularity == "layer" else (E, 2), dtype=torch.float64, requires_grad=True)
+    x = torch.randn(sum(counts), D, dtype=torch.float64, requires_grad=True)
+
+    def run(ffn):
+        source = ExpertSource(*tensors, coef=logits.softmax(-1))
+        y = ffn(x, counts, source, "gelu")
+        return y, torch.autograd.grad(y, [x, *tensors, logits], gy)
+
+    gy = torch.randn(sum(counts), D, dtype=torch.float64)
+    y, grads = run(grouped_expert_ffn)
+    y_ref, grads_ref = run(reference)
+    torch.testing.assert_close(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
 @pytest.mark.parametrize("pool", [None, "expert"])
 def test_gradcheck(pool):
     torch.manual_seed(1)
