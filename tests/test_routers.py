@@ -352,6 +352,22 @@ def test_gshard_random_routing_is_off_in_eval():
     assert r.eval()(inputs(200)).keep.all()
 
 
+@pytest.mark.parametrize("aux_free_bias", [False, True])
+def test_the_z_loss_taken_from_the_softmax_has_logsumexps_value_and_gradient(aux_free_bias):
+    """The top-k router takes logsumexp(l) as l_j - log p_j at each token's most probable expert
+    (not its selected one: a selection bias of 2 makes them differ here)."""
+    r, _ = make_router("topk", 4, top_k=2, aux_free_bias=aux_free_bias, dropless=True, scale=3.0)
+    with torch.no_grad():
+        r.selection_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 2.0]))
+    x = inputs(16)
+    z = r.train()(x).aux["z_loss"]
+    (g,) = torch.autograd.grad(z, [r.weight])
+    z_ref = torch.logsumexp(x @ r.weight.t(), dim=-1).square().mean()
+    (g_ref,) = torch.autograd.grad(z_ref, [r.weight])
+    torch.testing.assert_close(z, z_ref)
+    torch.testing.assert_close(g, g_ref)
+
+
 # --------------------------------------------------------------------------- aux-free bias
 
 
