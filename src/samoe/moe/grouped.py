@@ -261,9 +261,10 @@ def row_layout(x: Tensor, counts: list[int], *widths: int, pad_tolerance: float 
     tokens before they are gathered) feeding experts of inner widths `widths` (h, f).
 
     With PAD_ENABLED, at least PAD_MIN_EXPERTS experts and, on the CPU, PAD_MIN_THREADS threads,
-    the rows may be padded: into levels of `level_rows` (default LEVEL_MIN_ROWS) rows over the
-    experts sorted by count when `permute` (default: when the E x d x h weights are no larger
-    than the N x (d + h) rows, so gathering them into that order costs less than the rows), else
+    the rows may be padded: into levels over the experts sorted by count (_levels: each at least
+    `level_rows` high, bands within `level_tolerance`; defaults LEVEL_MIN_ROWS, LEVEL_TOLERANCE)
+    when `permute` (default: when the E x d x h weights are no larger than the N x (d + h) rows,
+    so gathering them into that order costs less than the rows), else
     into groups of neighbouring experts (_expert_groups); either only while the padding stays
     within pad_tolerance (default PAD_TOLERANCE) of N. Otherwise the GEMMs run one per expert
     (torch._grouped_mm where grouped_gemm_offsets allows), as groups of one.
