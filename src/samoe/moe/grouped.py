@@ -287,12 +287,13 @@ def row_layout(x: Tensor, counts: list[int], *widths: int, pad_tolerance: float 
         used = sum((e1 - e0) * C for e0, e1, C, _ in groups) if groups else 0
         if groups and used > (1 + tol) * N:
             groups = None
+    c = torch.tensor(counts, device=dev)
     if groups:
-        c = torch.tensor(counts, device=dev)
         start = torch.cumsum(c, 0) - c
         within = torch.arange(N, device=dev) - torch.repeat_interleave(start, c, output_size=N)
         rows = bucket_rows(used)
-        if order is None:  # sorted row i of expert e (its within-th row) goes to its group's block
+        ordered = None if order is None else torch.tensor(order, device=dev)
+        if ordered is None:  # sorted row i of expert e (its within-th row) goes to its group's block
             base = [0] * E  # each expert's first padded row
             for p0, p1, C, g0 in groups:
                 for p in range(p0, p1):
@@ -304,7 +305,6 @@ def row_layout(x: Tensor, counts: list[int], *widths: int, pad_tolerance: float 
         else:  # the within-th row of the expert at position p: at level j = #{H_i <= within},
             # row r0_j + p·C_j + within - H_{j-1}
             pos = torch.empty(E, dtype=torch.long, device=dev)
-            ordered = torch.tensor(order, device=dev)
             pos[ordered] = torch.arange(E, device=dev)
             C, r0 = (torch.tensor([g[i] for g in groups], device=dev) for i in (2, 3))
             high = torch.cumsum(C, 0)
@@ -312,25 +312,25 @@ def row_layout(x: Tensor, counts: list[int], *widths: int, pad_tolerance: float 
             dest = r0[j] + torch.repeat_interleave(pos, c, output_size=N) * C[j] + within - (high - C)[j]
             row_expert = torch.cat([ordered[:e1].repeat_interleave(h) for _, e1, h, _ in groups])
         row_expert = torch.cat([row_expert, row_expert.new_zeros(rows - used)])
-        return RowLayout(counts, groups, rows, row_expert, dest=dest, used=used,
-                         perm=torch.tensor(order, device=dev) if order is not None else None)
-    c = torch.tensor(counts, device=dev)
+        return RowLayout(counts, groups, rows, row_expert, dest=dest, used=used, perm=ordered)
     row_expert = torch.repeat_interleave(torch.arange(E, device=dev), c, output_size=N)
     starts = [0, *accumulate(counts)]
     groups = [(e, e + 1, n, starts[e]) for e, n in enumerate(counts)]
-    return RowLayout(counts, groups, N, row_expert, offs=grouped_gemm_offsets(x, counts, *widths, dtype=dtype))
+    return RowLayout(counts, groups, N, row_expert, offs=grouped_gemm_offsets(x, c, *widths, dtype=dtype))
 
 
-def grouped_gemm_offsets(x: Tensor, counts: list[int], *widths: int, dtype: torch.dtype | None = None) -> Tensor | None:
-    """The experts' row offsets (int32 cumulative counts) when torch._grouped_mm can run the
-    FFN's GEMMs on x's rows in `dtype` (default x's): a device and dtype of GROUPED_GEMM, every
-    width (d, h, and x's own) a 16-byte multiple. None: the loop over experts runs them."""
+def grouped_gemm_offsets(x: Tensor, counts: list[int] | Tensor, *widths: int,
+                         dtype: torch.dtype | None = None) -> Tensor | None:
+    """The experts' row offsets (int32 cumulative counts; `counts` a list, or a tensor on x's
+    device) when torch._grouped_mm can run the FFN's GEMMs on x's rows in `dtype` (default x's):
+    a device and dtype of GROUPED_GEMM, every width (d, h, and x's own) a 16-byte multiple.
+    None: the loop over experts runs them."""
     dtype = dtype or x.dtype
     if dtype not in GROUPED_GEMM.get(x.device.type, ()) or not hasattr(torch, "_grouped_mm"):
         return None
     if any(w * dtype.itemsize % 16 for w in (x.shape[1], *widths)):
         return None
-    return torch.tensor(counts, device=x.device).cumsum(0).to(torch.int32)
+    return torch.as_tensor(counts, device=x.device).cumsum(0).to(torch.int32)
 
 
 def _views(t: Tensor, group: tuple[int, int, int, int]) -> Tensor:
