@@ -187,17 +187,28 @@ def _olmes_requests(path: Path, docs: list[dict]) -> None:
 
 def _task_data(root: Path) -> Path:
     """Tiny PIQA, WinoGrande and LAMBADA data, made here: some contexts longer than the block
-    (truncated from the left), choices of different lengths (acc_norm differs from acc)."""
+    (truncated from the left), choices of different lengths (acc_norm differs from acc), no two
+    choices of an item alike."""
     rng = random.Random(5)
     words = "the pool router sends each token to a layer of experts shared across depth".split()
 
     def text(n: int) -> str:
         return " ".join(rng.choice(words) for _ in range(n))
 
-    piqa = [{"goal": text(rng.choice([2, 6, 25])), "sol1": text(rng.randint(1, 4)), "sol2": text(rng.randint(1, 4)),
-             "label": rng.randint(0, 1)} for _ in range(24)]
-    wino = [{"sentence": f"{text(rng.randint(1, 8))} _ {text(3)}.", "option1": rng.choice(words),
-             "option2": rng.choice(words), "answer": rng.choice("12")} for _ in range(8)]
+    def two(make) -> list[str]:  # an item's two choices differ: alike, they tie, and a tie's winner is noise
+        while len(pair := {make(), make()}) < 2:
+            pass
+        return sorted(pair)
+
+    piqa = []
+    for _ in range(24):
+        sol1, sol2 = two(lambda: text(rng.randint(1, 4)))
+        piqa.append({"goal": text(rng.choice([2, 6, 25])), "sol1": sol1, "sol2": sol2, "label": rng.randint(0, 1)})
+    wino = []
+    for _ in range(8):
+        option1, option2 = two(lambda: rng.choice(words))
+        wino.append({"sentence": f"{text(rng.randint(1, 8))} _ {text(3)}.", "option1": option1, "option2": option2,
+                     "answer": rng.choice("12")})
     lambada = [{"query": text(rng.choice([3, 20])), "answers_text": [rng.choice(words)]} for _ in range(8)]
     for name, docs in (("piqa", piqa), ("winogrande", wino), ("lambada", lambada)):
         _olmes_requests(root / BUILTIN[name].path, docs)
