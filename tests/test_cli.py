@@ -104,7 +104,7 @@ def test_train_writes_the_run_directory(trained):
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows and rows[-1]["step"] == 3
     for row in rows:
-        assert {"step", "tokens", "loss", "lr", "tokens_per_s"} <= row.keys()
+        assert {"step", "tokens", "loss", "lr", "tokens_per_s", "dropped_frac", "router_entropy"} <= row.keys()
     assert {"val_loss", "val_ppl", "val_bpb"} <= rows[-1].keys()
 
     summary = json.loads((run / "summary.json").read_text())

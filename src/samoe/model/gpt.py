@@ -183,7 +183,7 @@ class GPT(nn.Module):
 
     def routing_stats(self) -> dict[str, float]:
         """Routing statistics of the last forward, averaged over MoE layers."""
-        stats = [layer.last_stats for layer in self.moe_layers() if layer.last_stats]
+        stats = [s for s in (layer.routing_stats() for layer in self.moe_layers()) if s]
         if not stats:
             return {}
         return {k: float(torch.stack([s[k] for s in stats if k in s]).mean())

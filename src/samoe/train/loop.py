@@ -214,7 +214,7 @@ def train_step(tr: Trainer, hook: StepHook | None = None) -> dict:
     """One optimiser step: the schedule's learning rate, a global batch in micro-batches with
     gradient accumulation, the expert-gradient reduction, clipping to the global norm, the
     optimiser step and the router-bias update. Returns the step's metrics row (without
-    validation numbers)."""
+    validation numbers or routing statistics: evaluate_and_log adds those to the rows it logs)."""
     t, layout, model = tr.cfg.train, tr.layout, tr.model
     t0 = time.time()
     lr = lr_at(tr.step, t)  # looked up here, once per step (the SIGKILL test hooks it)
@@ -234,7 +234,7 @@ def train_step(tr: Trainer, hook: StepHook | None = None) -> dict:
     model.update_router_biases()
     tr.step += 1
     row = {"step": tr.step, "tokens": tr.step * tr.tokens_per_step, **logs, "lr": lr, "grad_norm": float(grad_norm),
-           "tokens_per_s": tr.tokens_per_step / (time.time() - t0), **model.routing_stats()}
+           "tokens_per_s": tr.tokens_per_step / (time.time() - t0)}
     if layout.ep is not None:
         row["a2a_bytes"] = step_a2a_bytes(model, layout)
     return row
@@ -344,13 +344,17 @@ def evaluate_and_log(run: Run, row: dict, metrics, bar: tqdm) -> dict | None:
     (the main process holds `metrics`, the open file). Returns the evaluation, or None."""
     tr, t = run.trainer, run.trainer.cfg.train
     step, val = tr.step, None
-    if step % t.eval_every == 0 or step == t.max_steps:
+    due = step % t.eval_every == 0 or step == t.max_steps
+    logged = metrics is not None and (due or step % t.log_every == 0)
+    if logged:  # the training step's routing: taken before evaluation routes other tokens
+        row.update(tr.model.routing_stats())
+    if due:
         val = run.evaluate()
         row.update({k: val[k] for k in ("val_loss", "val_ppl", "val_bpb")})
         if tr.layout.is_main:
             bar.write(f"step {step}: val_loss {val['val_loss']:.4f}  val_ppl {val['val_ppl']:.2f}  "
                       f"(unigram ppl {val['unigram_ppl']:.1f})")
-    if metrics is not None and (step % t.log_every == 0 or "val_loss" in row or step == t.max_steps):
+    if logged:
         try:
             metrics.write(json.dumps(row) + "\n")
             metrics.flush()
