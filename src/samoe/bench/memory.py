@@ -1,8 +1,8 @@
 """Worker for the peak-memory benchmark: `python -m samoe.bench.memory samoe|moe BATCH` prints
 {"peak_mib": growth of peak RSS over the RSS before the model was built}.
 
-Run it with MALLOC_MMAP_THRESHOLD_ set (run_isolated does) so that freed tensors go back to
-the system and the peak RSS follows the peak of live tensors."""
+Run it with MALLOC_MMAP_THRESHOLD_ set (peak_memory passes RSS_TRACKS_LIVE) so that freed
+tensors go back to the system and the peak RSS follows the peak of live tensors."""
 
 import json
 import sys

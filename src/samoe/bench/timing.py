@@ -50,12 +50,11 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_isolated(module: str, *args: str, timeout: float = 600) -> dict:
-    """Run `python -m module args...` in a fresh process (so peak RSS is its own) and return
-    the JSON object it prints on its last line."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}  # big frees return memory: RSS tracks live tensors
+def run_isolated(module: str, *args: str, timeout: float = 600, env: dict[str, str] | None = None) -> dict:
+    """Run `python -m module args...` in a fresh process (its own peak RSS, its own imports),
+    with `env` added to this environment, and return the JSON object it prints on its last line."""
     out = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, timeout=timeout,
-                         env=env)
+                         env={**os.environ, **(env or {})})
     if out.returncode != 0:
         raise RuntimeError(f"{module} {' '.join(args)} failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

@@ -44,6 +44,9 @@ def training_throughput(preset: str, repeats: int = 5) -> dict[str, float]:
 MEMORY_SHAPE = ["model.n_layers=12", "model.moe.every=2", "model.moe.num_experts=16", "model.moe.pool.size=2",
                 "model.d_model=256", "model.n_heads=4", "model.ffn_hidden=1024", "model.block_size=512",
                 "model.vocab_size=2048"]
+# glibc returns every large freed block at once, so RSS follows the live tensors (samoe's verbs keep
+# freed memory for speed, samoe.malloc, which would make the peak the heap's high-water mark instead)
+RSS_TRACKS_LIVE = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 MEMORY_BATCHES = (1, 4)  # sequences of 512 tokens: activations grow with the batch, weights do not
 
 
@@ -52,7 +55,8 @@ def peak_memory() -> dict[str, float]:
     for each batch in MEMORY_BATCHES; the headline ratio is the smallest batch's."""
     out: dict[str, float] = {}
     for b in MEMORY_BATCHES:
-        res = {name: run_isolated("samoe.bench.memory", name, str(b))["peak_mib"] for name in ("samoe", "moe")}
+        res = {name: run_isolated("samoe.bench.memory", name, str(b), env=RSS_TRACKS_LIVE)["peak_mib"]
+               for name in ("samoe", "moe")}
         out[f"samoe_step_peak_mib_b{b}"], out[f"moe_step_peak_mib_b{b}"] = res["samoe"], res["moe"]
         out[f"samoe_vs_moe_peak_mem_b{b}"] = res["samoe"] / res["moe"]
     out["samoe_vs_moe_peak_mem"] = out[f"samoe_vs_moe_peak_mem_b{MEMORY_BATCHES[0]}"]
