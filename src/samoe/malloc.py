@@ -21,14 +21,28 @@ M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_MAX = -4
 
 
-def keep_freed_memory() -> bool:
-    """Switch glibc malloc to keeping freed memory for reuse; False where that is not glibc."""
+def _libc() -> ctypes.CDLL | None:
+    """glibc, or None where the C library is another (musl, macOS, Windows)."""
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None
-        mallopt = libc.mallopt if libc is not None else None
-    except (OSError, AttributeError):  # musl, macOS, Windows: no mallopt, nothing to do
+        return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def keep_freed_memory() -> bool:
+    """Switch glibc malloc to keeping freed memory for reuse; False where that is not glibc."""
+    libc = _libc()
+    if libc is None:
         return False
-    if mallopt is None:
-        return False
-    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_freed_memory() -> bool:
+    """Give the heap's free pages back to the system now (glibc's malloc_trim(0)); True if any
+    went back. For the end of a phase whose peak the steady state never reaches again: a run's
+    set-up tokenises its corpus through about 1.4 GB at the default preset, and with freed memory
+    kept the whole run held that (1.55 GB of RSS); released, the run holds 0.8 GB."""
+    libc = _libc()
+    return bool(libc.malloc_trim(0)) if libc is not None else False

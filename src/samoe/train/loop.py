@@ -36,6 +36,7 @@ from samoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from samoe.errors import CheckpointError
 from samoe.eval.perplexity import evaluate
 from samoe.fileio import write_text_atomic
+from samoe.malloc import release_freed_memory
 from samoe.model.gpt import GPT, GPTOutput
 from samoe.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, autocast_for, resolve_device
 from samoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_error
@@ -120,6 +121,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
     layout, device = init_layout(cfg, resolve_device(cfg.train.device))
     try:
         run = set_up(cfg, Path(run_dir), resume, layout, device, init_from, init_noise)
+        release_freed_memory()  # what reading the data freed: training never needs that much again
         return _run(run, progress)
     finally:
         if not joined:
