@@ -62,7 +62,7 @@ class MoEFeedForward(nn.Module):
         y = self.dispatcher(flat, routing, self.experts.source(), self.activation).view(B, S, d)
         # Kept detached (its graph is not held past the step) and summarised only when asked:
         # the trainer reads the statistics every log_every steps, and computing them every step
-        # cost 0.47 ms a layer at the default preset's shape.
+        # cost 0.2-0.5 ms a layer at the default preset's shape (under 1% of its step).
         probs = None if routing.probs is None else routing.probs.detach()
         self.last_routing = dataclasses.replace(routing, gate=routing.gate.detach(), probs=probs, aux={})
         if self.residual is not None and self.residual_gate == "sigmoid":
