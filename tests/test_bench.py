@@ -14,10 +14,9 @@ import time
 import pytest
 import torch
 
-from samoe.bench import layers, peers, suite, timing
+from samoe.bench import layers, peers, suite, timing, training
 from samoe.bench.layers import Shape, layer_ratios
 from samoe.bench.timing import interleaved_medians, peak_rss_mib, run_isolated
-from samoe.bench.training import RSS_TRACKS_LIVE
 
 
 class FakeClock:
@@ -166,7 +165,7 @@ def test_peak_rss_follows_an_allocation_of_known_size():
 
 @pytest.mark.slow
 def test_peak_memory_worker_reports_its_own_peak():
-    out = run_isolated("samoe.bench.memory", "moe", "1", env=RSS_TRACKS_LIVE)  # as peak_memory runs it
+    out = run_isolated("samoe.bench.memory", "moe", "1", env=training.RSS_TRACKS_LIVE)  # as peak_memory runs it
     assert out["peak_mib"] > 10  # two training steps of a 12-layer model allocate real memory
 
 
@@ -205,3 +204,18 @@ def test_samoe_is_timed_on_the_moes_routing():
     assert not torch.equal(moe.moe_layers()[0].router(x).expert, samoe.moe_layers()[0].router(x).expert)
     layers.route_alike(samoe, moe)
     assert torch.equal(moe.moe_layers()[0].router(x).expert, samoe.moe_layers()[0].router(x).expert)
+
+
+def test_training_throughput_runs_at_the_threads_asked_and_restores_them(monkeypatch):
+    seen = []
+
+    def timed(fns, repeats):
+        seen.append(torch.get_num_threads())
+        return interleaved_medians(fns, repeats)
+
+    monkeypatch.setattr(training, "interleaved_medians", timed)
+    before = torch.get_num_threads()
+    r = training.training_throughput("tiny", repeats=1, threads=1)
+    assert seen == [1] and torch.get_num_threads() == before
+    assert {f"tiny_1t_{v}_vs_dense_tokens_per_s" for v in ("moe", "samoe")} <= r.keys()
+    assert all(r[f"tiny_1t_{v}_tokens_per_s"] > 0 for v in ("moe", "samoe", "dense"))

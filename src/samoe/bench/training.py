@@ -30,14 +30,21 @@ def train_step(cfg, batch_size: int | None = None):
     return step
 
 
-def training_throughput(preset: str, repeats: int = 5) -> dict[str, float]:
-    """Tokens per second of one training step for each variant of the preset."""
+def training_throughput(preset: str, repeats: int = 5, threads: int | None = None) -> dict[str, float]:
+    """Tokens per second of one training step for each variant of the preset, at `threads`
+    intra-op threads (default: as set; the keys then start "<preset>_<threads>t_")."""
     cfgs = {name: load_config(preset=preset, overrides=o) for name, o in VARIANTS.items()}
-    t = interleaved_medians({name: train_step(cfg) for name, cfg in cfgs.items()}, repeats)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        t = interleaved_medians({name: train_step(cfg) for name, cfg in cfgs.items()}, repeats)
+    finally:
+        torch.set_num_threads(before)
+    key = preset if threads is None else f"{preset}_{threads}t"
     tokens = cfgs["moe"].train.batch_size * cfgs["moe"].model.block_size
-    out = {f"{preset}_{name}_tokens_per_s": tokens / s for name, s in t.items()}
+    out = {f"{key}_{name}_tokens_per_s": tokens / s for name, s in t.items()}
     for name in ("moe", "samoe"):
-        out[f"{preset}_{name}_vs_dense_tokens_per_s"] = t["dense"] / t[name]
+        out[f"{key}_{name}_vs_dense_tokens_per_s"] = t["dense"] / t[name]
     return out
 
 
