@@ -32,7 +32,8 @@ def train_step(cfg, batch_size: int | None = None):
 
 def training_throughput(preset: str, repeats: int = 5, threads: int | None = None) -> dict[str, float]:
     """Tokens per second of one training step for each variant of the preset, at `threads`
-    intra-op threads (default: as set; the keys then start "<preset>_<threads>t_")."""
+    intra-op threads (default: as set). Keys start with "<preset>_", or with "<preset>_<threads>t_"
+    when `threads` is given."""
     cfgs = {name: load_config(preset=preset, overrides=o) for name, o in VARIANTS.items()}
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
