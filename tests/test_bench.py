@@ -170,7 +170,8 @@ def test_peak_memory_worker_reports_its_own_peak():
 
 
 def test_markdown_and_json_report(tmp_path, monkeypatch):
-    fake = {"machine": "m", "quick": True, "tokens": 64, "repeats": 1, "moe_vs_dense_e16": 1.2,
+    fake = {"machine": "m", "conditions": "load average 0.10 at the start; deepspeed not installed",
+            "quick": True, "tokens": 64, "repeats": 1, "moe_vs_dense_e16": 1.2,
             "moe_vs_dense_e64": 1.4, "samoe_vs_moe": 1.1, "samoe_vs_moe_peak_mem": 0.5,
             "samoe_vs_moe_peak_mem_b1": 0.5, "samoe_step_peak_mib_b1": 50.0, "moe_step_peak_mib_b1": 100.0,
             "peer_hf_switch_vs_ours": 1.5, "skipped": {"deepspeed": "not installed (deepspeed)"},
@@ -185,7 +186,7 @@ def test_markdown_and_json_report(tmp_path, monkeypatch):
     doc, js = tmp_path / "b.md", tmp_path / "b.json"
     suite.main(True, 1, str(js), str(doc), "samoe bench --quick")
     text = doc.read_text()
-    assert "`samoe bench --quick`" in text
+    assert "`samoe bench --quick`" in text and "; load average 0.10 at the start; deepspeed not installed." in text
     assert "| (a) MoE top-1 (dropless) layer time / dense FFN, E = 16 | 1.20x | ≤ 1.15x |" in text
     assert "| 64 | 4 | 2 | 8 | 1.0 | 1.30x | 1.25x | 1.05x | 1.10x | 1.20x | 1.15x |" in text and "20.0 GB/s" in text
     assert "hf_switch time / ours | 1.50x" in text and "deepspeed | skipped: not installed" in text
@@ -219,3 +220,10 @@ def test_training_throughput_runs_at_the_threads_asked_and_restores_them(monkeyp
     assert seen == [1] and torch.get_num_threads() == before
     assert {f"tiny_1t_{v}_vs_dense_tokens_per_s" for v in ("moe", "samoe")} <= r.keys()
     assert all(r[f"tiny_1t_{v}_tokens_per_s"] > 0 for v in ("moe", "samoe", "dense"))
+
+
+def test_the_report_says_how_busy_the_machine_was_and_which_peers_it_had():
+    said = suite.conditions()
+    assert said.startswith("load average ") and " at the start; transformers " in said
+    version = importlib.util.find_spec("deepspeed") is not None
+    assert ("deepspeed not installed" in said) != version

@@ -18,7 +18,9 @@ several repeats after warm-up); the seconds beside them only say what was compar
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -52,7 +54,20 @@ def machine() -> str:
             f"torch {torch.__version__}, Python {platform.python_version()}")
 
 
+def conditions() -> str:
+    """What else the numbers depend on: the peers' versions and how busy the machine was (the
+    1-minute load average; above 0.5 on an idle start, something else was running)."""
+    versions = []
+    for name in ("transformers", "deepspeed"):
+        try:
+            versions.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            versions.append(f"{name} not installed")
+    return f"load average {os.getloadavg()[0]:.2f} at the start; " + ", ".join(versions)
+
+
 def run_suite(quick: bool, repeats: int) -> dict:
+    said = conditions()  # before this suite adds to the load
     shape = Shape(2048)
     bandwidth = memory_bandwidth()
     steps = [
@@ -71,8 +86,8 @@ def run_suite(quick: bool, repeats: int) -> dict:
         ("(h) training shapes", lambda: {"training_shapes": training_shapes(
             shape, (2048,) if quick else (2048, 4096), bandwidth, repeats)}),
     ]
-    results: dict = {"machine": machine(), "quick": quick, "tokens": shape.tokens, "repeats": repeats,
-                     "bandwidth_gb_per_s": bandwidth / 1e9}
+    results: dict = {"machine": machine(), "conditions": said, "quick": quick, "tokens": shape.tokens,
+                     "repeats": repeats, "bandwidth_gb_per_s": bandwidth / 1e9}
     for _name, fn in tqdm(steps, desc="bench", unit="part"):
         results.update(fn())
     return results
@@ -84,7 +99,8 @@ def markdown(r: dict, command: str) -> str:
 
     lines = [
         "# Benchmarks", "",
-        f"Produced by `{command}` on {time.strftime('%Y-%m-%d')}; machine: {r['machine']}.",
+        f"Produced by `{command}` on {time.strftime('%Y-%m-%d %H:%M')}; machine: {r['machine']}; "
+        f"{r.get('conditions', 'conditions not recorded')}.",
         "Each ratio is the median of interleaved repeats after warm-up, against a baseline measured in the same",
         f"run; lower is better for ours. Layer shapes: T = {r['tokens']}, d = 256, f = 1024, fp32, forward + backward.",
         "", "| what | ratio | target |", "| --- | --- | --- |",
