@@ -11,6 +11,7 @@ import samoe.moe.grouped as grouped_mod
 from samoe.config import load_config
 from samoe.model.ffn import activate
 from samoe.model.gpt import GPT
+from samoe.moe import expert_gemm
 from samoe.moe.grouped import ExpertSource, bucket_rows, grouped_expert_ffn, grouped_gemm_offsets, row_layout
 
 D, F_, E, K = 6, 5, 4, 3
@@ -105,11 +106,15 @@ def test_many_experts_add_their_biases_through_gathered_rows(pool):
 @pytest.mark.parametrize("activation", ["gelu", "swiglu"])
 @pytest.mark.parametrize("counts", [[3, 0, 4, 2], [0, 0, 5, 0], [5, 7, 1, 3]])
 @pytest.mark.parametrize("chunk_bytes", [4 << 20, 0])
+@pytest.mark.parametrize("kernel", ["experts over the threads", "torch._grouped_mm"])
 def test_the_grouped_gemm_path_equals_autograd_on_the_materialised_weights(pool, activation, counts, chunk_bytes,
-                                                                           monkeypatch):
-    """fp32 with 16-byte rows (d = 8, f = 16) takes torch._grouped_mm's single GEMM per pass; a
-    pool's weight gradients whole, or (chunk_bytes 0, as for stacks above CHUNK_BYTES) a quarter
-    of the experts at a time."""
+                                                                           kernel, monkeypatch):
+    """fp32 with 16-byte rows (d = 8, f = 16) takes a single call per GEMM of a pass: the kernel
+    that spreads the experts over the threads (moe/expert_gemm.py, where it builds), or
+    torch._grouped_mm; there a pool's weight gradients whole, or (chunk_bytes 0, as for stacks
+    above CHUNK_BYTES) a quarter of the experts at a time."""
+    if kernel == "torch._grouped_mm":
+        monkeypatch.setattr(expert_gemm, "_lib", None)
     monkeypatch.setattr(grouped_mod, "CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     source = make_source(pool, activation, torch.float32, d=8, f=16)

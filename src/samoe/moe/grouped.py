@@ -9,9 +9,11 @@ expert's matrices run once on its rows, in two passes over the experts:
 
 How the GEMMs of a pass run is the layout's choice (RowLayout, chosen by row_layout from the
 counts each step):
-- per expert: one grouped GEMM (`torch._grouped_mm` with the experts' row offsets) where it
-  runs (the CPU in fp32 and bf16, every operand's rows 16-byte multiples; it loops over the
-  experts inside), else a loop of torch.mm. The default;
+- per expert, the default: on the CPU in fp32 the experts spread over the threads, each GEMM
+  whole on one thread (moe/expert_gemm.py, where its kernel builds); else one grouped GEMM
+  (`torch._grouped_mm` with the experts' row offsets) where that runs (the CPU in fp32 and bf16,
+  every operand's rows 16-byte multiples; it loops over the experts inside, each GEMM split over
+  the threads); else a loop of torch.mm;
 - padded (opt-in, PAD_ENABLED): rows padded so that several experts share one torch.bmm on
   [experts, C, ·] views, which hands whole GEMMs to the threads where a lone small GEMM is split
   between them. Levels when the weights are small beside the rows: the experts sorted by count
@@ -53,6 +55,7 @@ import torch
 from torch import Tensor
 
 from samoe.model.ffn import activate
+from samoe.moe.expert_gemm import rows_times_experts, weight_grads
 
 
 @dataclass
@@ -344,7 +347,8 @@ def _row_matmul(a: Tensor, w: Tensor, layout: RowLayout, transpose: bool = False
     in layout order; zero on the rows past layout.used."""
     w = w.transpose(1, 2) if transpose else w
     if layout.offs is not None:
-        return torch._grouped_mm(a, w, offs=layout.offs)
+        y = rows_times_experts(a, w, layout.counts)  # the experts over the threads, where it runs
+        return torch._grouped_mm(a, w, offs=layout.offs) if y is None else y
     out = a.new_empty(a.shape[0], w.shape[-1])
     for g in layout.groups:
         e0, e1, C, r0 = g
@@ -382,6 +386,8 @@ def _weight_grad(a: Tensor, g: Tensor, layout: RowLayout, out: Tensor | None) ->
     cost more than the temporary). A group whose positions an earlier group wrote (a level above
     the first) adds to them."""
     offs, counts = layout.offs, layout.counts
+    if offs is not None and (native := weight_grads(a, g, counts, out)) is not None:
+        return native  # written in place, the experts over the threads (moe/expert_gemm.py)
     if offs is not None and out is not None and out.numel() * out.element_size() <= CHUNK_BYTES:
         return out.copy_(torch._grouped_mm(a.t(), g, offs=offs))
     if offs is not None and out is None:

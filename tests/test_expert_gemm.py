@@ -1,0 +1,71 @@
+"""The CPU kernel that spreads the experts' GEMMs over the threads (moe/expert_gemm.py), against a
+loop of torch.mm: each expert's rows times its matrix (plain or a transposed view), each expert's
+weight gradient (zero for an expert without rows), and what it declines."""
+
+import platform
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from samoe.moe import expert_gemm
+
+
+def starts(counts):
+    return [sum(counts[:e]) for e in range(len(counts))]
+
+
+COUNTS = [[5, 0, 17, 3], [0, 0, 9, 0], [1] * 3 + [40] + [0] * 5 + [7] * 8]
+
+
+def test_it_builds_wherever_pytorch_ships_mkl_and_libgomp_and_a_compiler_is_there():
+    lib = Path(torch.__file__).parent / "lib"
+    can = (platform.system() == "Linux" and shutil.which("cc") is not None and torch.backends.mkl.is_available()
+           and (lib / "libgomp.so.1").exists() and (lib / "libtorch_cpu.so").exists())
+    assert expert_gemm.available() == can  # where it can, every test below runs the kernel
+
+
+def test_it_is_not_built_when_switched_off(monkeypatch):
+    monkeypatch.setenv("SAMOE_EXPERT_GEMM", "0")
+    assert expert_gemm._build() is None
+
+
+@pytest.mark.parametrize("counts", COUNTS)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_rows_times_experts_equals_a_loop_of_mm(counts, transposed):
+    torch.manual_seed(0)
+    E, k, n = len(counts), 24, 40
+    x = torch.randn(sum(counts), k)
+    w = torch.randn(E, n, k).transpose(1, 2) if transposed else torch.randn(E, k, n)  # [E, k, n] either way
+    y = expert_gemm.rows_times_experts(x, w, counts)
+    if not expert_gemm.available():
+        assert y is None
+        return
+    want = torch.cat([x[s:s + c] @ w[e] for e, (s, c) in enumerate(zip(starts(counts), counts))])
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("counts", COUNTS)
+@pytest.mark.parametrize("into_out", [False, True])
+def test_weight_grads_equal_a_loop_of_mm_and_are_zero_without_rows(counts, into_out):
+    torch.manual_seed(0)
+    E, d, h = len(counts), 24, 40
+    x, g = torch.randn(sum(counts), d), torch.randn(sum(counts), h)
+    out = torch.full((E, d, h), float("nan")) if into_out else None  # every slice must be written
+    grads = expert_gemm.weight_grads(x, g, counts, out)
+    if not expert_gemm.available():
+        assert grads is None
+        return
+    want = torch.stack([x[s:s + c].t() @ g[s:s + c] for s, c in zip(starts(counts), counts)])
+    torch.testing.assert_close(grads, want, rtol=1e-5, atol=1e-5)
+    assert all(grads[e].eq(0).all() for e, c in enumerate(counts) if c == 0)
+    assert out is None or grads.data_ptr() == out.data_ptr()
+
+
+def test_what_it_declines_is_left_to_the_caller():
+    counts = [2, 2]
+    x, w, g = torch.randn(4, 8), torch.randn(2, 8, 8), torch.randn(4, 8)
+    assert expert_gemm.rows_times_experts(x.double(), w.double(), counts) is None  # sgemm is fp32
+    assert expert_gemm.rows_times_experts(x.t().contiguous().t(), w, counts) is None  # rows not contiguous
+    assert expert_gemm.weight_grads(x, g, counts, torch.empty(2, 8, 16)[..., :8]) is None  # out not contiguous
