@@ -16,7 +16,7 @@ def starts(counts):
     return [sum(counts[:e]) for e in range(len(counts))]
 
 
-COUNTS = [[5, 0, 17, 3], [0, 0, 9, 0], [1] * 3 + [40] + [0] * 5 + [7] * 8]
+COUNTS = [[5, 0, 17, 3, 2, 2, 0, 11], [0] * 4 + [9] + [0] * 4, [1] * 3 + [40] + [0] * 5 + [7] * 8]
 
 
 def test_it_builds_wherever_pytorch_ships_mkl_and_libgomp_and_a_compiler_is_there():
@@ -64,8 +64,9 @@ def test_weight_grads_equal_a_loop_of_mm_and_are_zero_without_rows(counts, into_
 
 
 def test_what_it_declines_is_left_to_the_caller():
-    counts = [2, 2]
-    x, w, g = torch.randn(4, 8), torch.randn(2, 8, 8), torch.randn(4, 8)
+    counts = [1] * 8
+    x, w, g = torch.randn(8, 8), torch.randn(8, 8, 8), torch.randn(8, 8)
+    assert expert_gemm.rows_times_experts(x[:7], w[:7], counts[:7]) is None  # under MIN_EXPERTS
     assert expert_gemm.rows_times_experts(x.double(), w.double(), counts) is None  # sgemm is fp32
     assert expert_gemm.rows_times_experts(x.t().contiguous().t(), w, counts) is None  # rows not contiguous
-    assert expert_gemm.weight_grads(x, g, counts, torch.empty(2, 8, 16)[..., :8]) is None  # out not contiguous
+    assert expert_gemm.weight_grads(x, g, counts, torch.empty(8, 8, 16)[..., :8]) is None  # out not contiguous
