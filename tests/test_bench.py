@@ -17,6 +17,7 @@ import torch
 from samoe.bench import layers, peers, suite, timing, training
 from samoe.bench.layers import Shape, layer_ratios
 from samoe.bench.timing import interleaved_medians, peak_rss_mib, run_isolated
+from samoe.moe import expert_gemm
 
 
 class FakeClock:
@@ -79,6 +80,20 @@ def test_gemm_floor_runs_the_six_gemms_of_each_expert(monkeypatch):
     assert len(calls) == 6 * 4
     assert calls[:6] == [((16, 4), (4, 6)), ((16, 6), (6, 4)), ((16, 4), (4, 6)), ((6, 16), (16, 4)),
                          ((16, 6), (6, 4)), ((4, 16), (16, 6))]
+
+
+def test_with_the_expert_kernel_the_gemm_floor_runs_the_six_through_it(monkeypatch):
+    calls = []
+    for name in ("rows_times_experts", "weight_grads"):
+        real = getattr(layers, name)
+        monkeypatch.setattr(layers, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    run = layers.gemm_floor(tokens=64, d=8, width=16, experts=8, top_k=2)  # 16 rows per expert
+    calls.clear()
+    run()
+    if expert_gemm.available():  # as the layer runs them (test_expert_gemm checks what they compute)
+        assert calls == ["rows_times_experts"] * 3 + ["weight_grads", "rows_times_experts", "weight_grads"]
+    else:
+        assert calls == []
 
 
 def test_the_batched_gemm_floor_runs_each_of_the_six_once_over_all_experts(monkeypatch):

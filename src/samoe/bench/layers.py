@@ -16,6 +16,7 @@ from samoe.bench.timing import interleaved_medians
 from samoe.config import load_config
 from samoe.model.ffn import FeedForward
 from samoe.model.gpt import GPT
+from samoe.moe.expert_gemm import rows_times_experts, weight_grads
 
 
 @dataclass
@@ -103,11 +104,13 @@ TRAINING_LAYOUTS = ((8, 1), (16, 1), (64, 1), (16, 2), (32, 4))
 
 def gemm_floor(tokens: int, d: int, width: int, experts: int, top_k: int, batched: bool = False) -> Callable[[], None]:
     """The six GEMMs of an FFN's forward + backward alone (x·W1, a·W2; ∂a, ∂W2, ∂x, ∂W1), run
-    expert by expert on equal shares of the T·k routed rows into preallocated outputs: no
-    routing, no dispatch, no activation. Timed beside the dense FFN's six, it is the floor
-    the layer's shapes set on this machine for a GEMM per expert. `batched`: each of the six
-    as one torch.bmm over all experts instead, the floor of the padded layout (moe/grouped.py)
-    when the counts are equal and nothing is padded."""
+    expert by expert on equal shares of the T·k routed rows: no routing, no dispatch, no
+    activation. Each of the six runs as the layer runs it: the experts over the threads
+    (moe/expert_gemm.py) where that kernel takes them, else a torch.mm per expert into
+    preallocated outputs. Timed beside the dense FFN's six, it is the floor the layer's shapes
+    set on this machine for a GEMM per expert. `batched`: each of the six as one torch.bmm over
+    all experts instead, the floor of the padded layout (moe/grouped.py) when the counts are
+    equal and nothing is padded."""
     n = tokens * top_k // experts
     x, gy = torch.randn(experts, n, d), torch.randn(experts, n, d)
     w1, w2 = torch.randn(experts, d, width), torch.randn(experts, width, d)
@@ -124,6 +127,16 @@ def gemm_floor(tokens: int, d: int, width: int, experts: int, top_k: int, batche
             torch.mm(ga[e], w1[e].t(), out=gx[e])
             torch.mm(x[e].t(), ga[e], out=g1[e])
 
+    counts, rows = [n] * experts, lambda t: t.view(experts * n, t.shape[-1])
+
+    def run_kernel():
+        hk = rows_times_experts(rows(x), w1, counts)
+        rows_times_experts(hk, w2, counts)
+        gak = rows_times_experts(rows(gy), w2.transpose(1, 2), counts)
+        weight_grads(hk, rows(gy), counts, g2)
+        rows_times_experts(gak, w1.transpose(1, 2), counts)
+        weight_grads(rows(x), gak, counts, g1)
+
     def run_batched():
         torch.bmm(x, w1, out=h)
         torch.bmm(h, w2, out=y)
@@ -131,7 +144,9 @@ def gemm_floor(tokens: int, d: int, width: int, experts: int, top_k: int, batche
         torch.bmm(h.transpose(1, 2), gy, out=g2)
         torch.bmm(ga, w1.transpose(1, 2), out=gx)
         torch.bmm(x.transpose(1, 2), ga, out=g1)
-    return run_batched if batched else run
+    if batched:
+        return run_batched
+    return run_kernel if rows_times_experts(rows(x), w1, counts) is not None else run
 
 
 def weight_traffic_bound(dense_s: float, expert_params: int, dense_params: int, bytes_per_s: float,
