@@ -90,7 +90,7 @@ def test_with_the_expert_kernel_the_gemm_floor_runs_the_six_through_it(monkeypat
     run = layers.gemm_floor(tokens=64, d=8, width=16, experts=8, top_k=2)  # 16 rows per expert
     calls.clear()
     run()
-    if expert_gemm.available():  # as the layer runs them (test_expert_gemm checks what they compute)
+    if expert_gemm.available() and torch.get_num_threads() > 1:  # as the layer runs them (test_expert_gemm: what)
         assert calls == ["rows_times_experts"] * 3 + ["weight_grads", "rows_times_experts", "weight_grads"]
     else:
         assert calls == []

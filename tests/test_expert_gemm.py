@@ -16,6 +16,15 @@ def starts(counts):
     return [sum(counts[:e]) for e in range(len(counts))]
 
 
+@pytest.fixture(autouse=True)
+def two_threads():
+    """The kernel shares experts out over the threads, so it runs from two up."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 COUNTS = [[5, 0, 17, 3, 2, 2, 0, 11], [0] * 4 + [9] + [0] * 4, [1] * 3 + [40] + [0] * 5 + [7] * 8]
 
 
@@ -67,6 +76,10 @@ def test_what_it_declines_is_left_to_the_caller():
     counts = [1] * 8
     x, w, g = torch.randn(8, 8), torch.randn(8, 8, 8), torch.randn(8, 8)
     assert expert_gemm.rows_times_experts(x[:7], w[:7], counts[:7]) is None  # under MIN_EXPERTS
+    torch.set_num_threads(1)
+    assert expert_gemm.rows_times_experts(x, w, counts) is None  # one thread: nothing to share out
+    assert expert_gemm.weight_grads(x, g, counts) is None
+    torch.set_num_threads(2)
     assert expert_gemm.rows_times_experts(x.double(), w.double(), counts) is None  # sgemm is fp32
     assert expert_gemm.rows_times_experts(x.t().contiguous().t(), w, counts) is None  # rows not contiguous
     assert expert_gemm.weight_grads(x, g, counts, torch.empty(8, 8, 16)[..., :8]) is None  # out not contiguous

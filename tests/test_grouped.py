@@ -116,6 +116,7 @@ def test_the_grouped_gemm_path_equals_autograd_on_the_materialised_weights(pool,
     if kernel == "torch._grouped_mm":
         monkeypatch.setattr(expert_gemm, "_lib", None)
     monkeypatch.setattr(expert_gemm, "MIN_EXPERTS", 1)  # these 4 experts take the kernel too
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # as on two threads, whatever this machine has
     monkeypatch.setattr(grouped_mod, "CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     source = make_source(pool, activation, torch.float32, d=8, f=16)
