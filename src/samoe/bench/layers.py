@@ -16,7 +16,7 @@ from samoe.bench.timing import interleaved_medians
 from samoe.config import load_config
 from samoe.model.ffn import FeedForward
 from samoe.model.gpt import GPT
-from samoe.moe.expert_gemm import rows_times_experts, weight_grads
+from samoe.moe.expert_gemm import rows_times_experts, runs_on, weight_grads
 
 
 @dataclass
@@ -146,7 +146,7 @@ def gemm_floor(tokens: int, d: int, width: int, experts: int, top_k: int, batche
         torch.bmm(x.transpose(1, 2), ga, out=g1)
     if batched:
         return run_batched
-    return run_kernel if rows_times_experts(rows(x), w1, counts) is not None else run
+    return run_kernel if runs_on(counts, x, w1) else run
 
 
 def weight_traffic_bound(dense_s: float, expert_params: int, dense_params: int, bytes_per_s: float,

@@ -135,7 +135,9 @@ def _run(m, n, k, a: Tensor, a_off, ta: int, lda: int, b: Tensor, b_off, tb: int
                     _P(c.data_ptr()), co, ldc, torch.get_num_threads())
 
 
-def _fits(counts: list[int], *tensors: Tensor) -> bool:
+def runs_on(counts: list[int], *tensors: Tensor) -> bool:
+    """Whether the kernel takes these experts and tensors (fp32, CPU, from MIN_EXPERTS experts and
+    two threads, where it builds); the products below also need their layouts."""
     return (len(counts) >= MIN_EXPERTS and torch.get_num_threads() > 1 and available()
             and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
             and max(t.numel() for t in tensors) < 2**31)
@@ -146,7 +148,7 @@ def rows_times_experts(x: Tensor, w: Tensor, counts: list[int]) -> Tensor | None
     or columns); None when the kernel cannot take these tensors, there are under MIN_EXPERTS or
     there is one thread."""
     layout_a, layout_b = _row_major(x), _row_major(w)
-    if not _fits(counts, x, w) or layout_a != (0, x.stride(0)) or layout_b is None or w.shape[0] != len(counts):
+    if not runs_on(counts, x, w) or layout_a != (0, x.stride(0)) or layout_b is None or w.shape[0] != len(counts):
         return None
     E, K, N = w.shape
     y = x.new_empty(x.shape[0], N)
@@ -161,11 +163,11 @@ def weight_grads(x: Tensor, g: Tensor, counts: list[int], out: Tensor | None = N
     """[E, d, h]: for each expert, its rows of x [N, d] transposed times its rows of g [N, h] (zero
     for an expert without rows), written into `out` (contiguous) when given; None when the kernel
     cannot take these tensors, there are under MIN_EXPERTS or there is one thread."""
-    if not _fits(counts, x, g) or x.stride(1) != 1 or g.stride(1) != 1:
+    if not runs_on(counts, x, g) or x.stride(1) != 1 or g.stride(1) != 1:
         return None
     E, (d, h) = len(counts), (x.shape[1], g.shape[1])
     out = x.new_empty(E, d, h) if out is None else out
-    if not (out.is_contiguous() and out.shape == (E, d, h) and _fits(counts, out)):
+    if not (out.is_contiguous() and out.shape == (E, d, h) and runs_on(counts, out)):
         return None
     rows = np.asarray(counts, dtype=np.int64)
     start = np.cumsum(rows) - rows
