@@ -56,6 +56,36 @@ def test_rows_times_experts_equals_a_loop_of_mm(counts, transposed):
 
 
 @pytest.mark.parametrize("counts", COUNTS)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_with_a_bias_every_row_of_an_expert_gets_its_bias_added(counts, transposed):
+    torch.manual_seed(0)
+    E, k, n = len(counts), 24, 40
+    x, b = torch.randn(sum(counts), k), torch.randn(E, n)
+    w = torch.randn(E, n, k).transpose(1, 2) if transposed else torch.randn(E, k, n)
+    y = expert_gemm.rows_times_experts(x, w, counts, b)
+    if not expert_gemm.available():
+        assert y is None
+        return
+    want = torch.cat([x[s:s + c] @ w[e] + b[e] for e, (s, c) in enumerate(zip(starts(counts), counts))])
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("counts", COUNTS)
+def test_the_bias_gradient_is_each_experts_rows_summed_and_zero_without_rows(counts):
+    torch.manual_seed(0)
+    E, d, h = len(counts), 24, 40
+    x, g = torch.randn(sum(counts), d), torch.randn(sum(counts), h)
+    out, gb = torch.full((E, d, h), float("nan")), torch.full((E, h), float("nan"))  # all must be written
+    if expert_gemm.weight_grads(x, g, counts, out, gb) is None:
+        assert not expert_gemm.available()
+        return
+    want = torch.stack([g[s:s + c].sum(0) for s, c in zip(starts(counts), counts)])
+    torch.testing.assert_close(gb, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, torch.stack([x[s:s + c].t() @ g[s:s + c] for s, c in zip(starts(counts), counts)]),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("counts", COUNTS)
 @pytest.mark.parametrize("into_out", [False, True])
 def test_weight_grads_equal_a_loop_of_mm_and_are_zero_without_rows(counts, into_out):
     torch.manual_seed(0)
@@ -83,3 +113,6 @@ def test_what_it_declines_is_left_to_the_caller():
     assert expert_gemm.rows_times_experts(x.double(), w.double(), counts) is None  # sgemm is fp32
     assert expert_gemm.rows_times_experts(x.t().contiguous().t(), w, counts) is None  # rows not contiguous
     assert expert_gemm.weight_grads(x, g, counts, torch.empty(8, 8, 16)[..., :8]) is None  # out not contiguous
+    assert expert_gemm.rows_times_experts(x, w, counts, torch.randn(8, 16)[:, ::2]) is None  # bias not contiguous
+    assert expert_gemm.rows_times_experts(x, w, counts, torch.randn(8, 7)) is None  # bias of another width
+    assert expert_gemm.weight_grads(x, g, counts, None, torch.empty(8, 7)) is None  # bias gradient of another width

@@ -33,8 +33,11 @@ Why this shape:
 - a custom autograd Function rather than autograd through the GEMMs: only x and h are saved,
   a = act(h) is recomputed in backward (keeping it was no faster within the noise, and cost
   SaMoE's memory ratio 0.004), and a pool's gradient is formed in place (below);
-- biases are added group by group, in place; their gradients are one segment sum
-  (index_add over the rows' expert ids; padding rows have zero gradients) per bias;
+- biases: with the expert kernel, each expert's bias is the starting value of its output rows and
+  its gradient is summed from the rows the weight gradient reads, by the same thread (the gathers
+  of [N, ·] bias rows, their adds and the segment sums this replaces took 1.4 ms of a 31 ms layer
+  at the default preset's shape, under torch.profiler); otherwise added group by group, in place, and their gradients one
+  segment sum (index_add over the rows' expert ids; padding rows have zero gradients) per bias;
 - SaMoE: the weights may be given as a pool P [K, E, ...] with mixing coefficients c ([K],
   or [E, K] per expert). The layer's experts W = Σ_k c[.., k] · P[k] are combined just before
   use, one matrix at a time (W1 for pass 1, W2 for pass 2), in forward and again in backward:
@@ -342,22 +345,25 @@ def _views(t: Tensor, group: tuple[int, int, int, int]) -> Tensor:
     return t[r0:r0 + (e1 - e0) * C].view(e1 - e0, C, t.shape[1])
 
 
-def _row_matmul(a: Tensor, w: Tensor, layout: RowLayout, transpose: bool = False) -> Tensor:
-    """[rows, ·]: the rows of each expert times its w[p] (w[p]ᵀ with `transpose`), for w [E, ·, ·]
-    in layout order; zero on the rows past layout.used."""
+def _row_matmul(a: Tensor, w: Tensor, layout: RowLayout, transpose: bool = False, bias: Tensor | None = None) -> Tensor:
+    """[rows, ·]: the rows of each expert times its w[p] (w[p]ᵀ with `transpose`), plus its bias[p]
+    when given, for w [E, ·, ·] and bias [E, ·] in layout order; zero on the rows past layout.used."""
     w = w.transpose(1, 2) if transpose else w
     if layout.offs is not None:
-        y = rows_times_experts(a, w, layout.counts)  # the experts over the threads, where it runs
-        return torch._grouped_mm(a, w, offs=layout.offs) if y is None else y
-    out = a.new_empty(a.shape[0], w.shape[-1])
-    for g in layout.groups:
-        e0, e1, C, r0 = g
-        if C and e1 - e0 == 1:  # mm, not a bmm of one: bmm parallelises over the batch only
-            torch.mm(a[r0:r0 + C], w[e0], out=out[r0:r0 + C])
-        elif C:
-            torch.bmm(_views(a, g), w[e0:e1], out=_views(out, g))
-    out[layout.used:].zero_()
-    return out
+        y = rows_times_experts(a, w, layout.counts, bias)  # the experts over the threads, where it runs
+        if y is not None:
+            return y
+        out = torch._grouped_mm(a, w, offs=layout.offs)
+    else:
+        out = a.new_empty(a.shape[0], w.shape[-1])
+        for g in layout.groups:
+            e0, e1, C, r0 = g
+            if C and e1 - e0 == 1:  # mm, not a bmm of one: bmm parallelises over the batch only
+                torch.mm(a[r0:r0 + C], w[e0], out=out[r0:r0 + C])
+            elif C:
+                torch.bmm(_views(a, g), w[e0:e1], out=_views(out, g))
+        out[layout.used:].zero_()
+    return out if bias is None else _add_bias(out, bias, layout)
 
 
 def _add_bias(y: Tensor, b: Tensor, layout: RowLayout) -> Tensor:
@@ -378,26 +384,32 @@ def _add_bias(y: Tensor, b: Tensor, layout: RowLayout) -> Tensor:
 CHUNK_BYTES = 4 << 20
 
 
-def _weight_grad(a: Tensor, g: Tensor, layout: RowLayout, out: Tensor | None) -> Tensor:
-    """[E, ·, ·] in layout order: Σ over the rows of position p of a[rows]ᵀ · g[rows] (zero for an
-    expert without rows), written into `out` when given (then with torch._grouped_mm, which has no
-    `out=`, a quarter of the experts at a time where the stack exceeds CHUNK_BYTES: a whole
-    stack-sized temporary raised SaMoE's peak memory by 2%; below, the three calls a chunk makes
-    cost more than the temporary). A group whose positions an earlier group wrote (a level above
-    the first) adds to them."""
+def _weight_grad(a: Tensor, g: Tensor, layout: RowLayout, out: Tensor | None,
+                 bias: bool = False) -> tuple[Tensor, Tensor | None]:
+    """([E, ·, ·] in layout order: Σ over the rows of position p of a[rows]ᵀ · g[rows] (zero for an
+    expert without rows), and with `bias` the gradient of a bias added to those rows, [E, ·] in
+    natural order: Σ over the rows of expert e of g[rows]). The weight gradient is written into
+    `out` when given (then with torch._grouped_mm, which has no `out=`, a quarter of the experts at
+    a time where the stack exceeds CHUNK_BYTES: a whole stack-sized temporary raised SaMoE's peak
+    memory by 2%; below, the three calls a chunk makes cost more than the temporary). A group whose
+    positions an earlier group wrote (a level above the first) adds to them."""
     offs, counts = layout.offs, layout.counts
-    if offs is not None and (native := weight_grads(a, g, counts, out)) is not None:
-        return native  # written in place, the experts over the threads (moe/expert_gemm.py)
+    if offs is not None:  # the experts over the threads, both gradients in one pass (moe/expert_gemm.py)
+        gb = g.new_empty(len(counts), g.shape[1]) if bias else None
+        if (native := weight_grads(a, g, counts, out, gb)) is not None:
+            return native, gb
+    # the bias's gradient: one segment sum over the rows' expert ids (padding rows have zero gradients)
+    gb = g.new_zeros(len(counts), g.shape[1]).index_add_(0, layout.row_expert, g) if bias else None
     if offs is not None and out is not None and out.numel() * out.element_size() <= CHUNK_BYTES:
-        return out.copy_(torch._grouped_mm(a.t(), g, offs=offs))
+        return out.copy_(torch._grouped_mm(a.t(), g, offs=offs)), gb
     if offs is not None and out is None:
-        return torch._grouped_mm(a.t(), g, offs=offs)
+        return torch._grouped_mm(a.t(), g, offs=offs), gb
     if offs is not None:
         starts, step = [0, *accumulate(counts)], max(1, len(counts) // 4)
         for s in range(0, len(counts), step):
             r0, r1 = starts[s], starts[min(len(counts), s + step)]
             out[s:s + step].copy_(torch._grouped_mm(a[r0:r1].t(), g[r0:r1], offs=offs[s:s + step] - r0))
-        return out
+        return out, gb
     out = a.new_empty(len(counts), a.shape[1], g.shape[1]) if out is None else out
     done = 0  # positions [0, done) written
     for grp in layout.groups:
@@ -419,7 +431,7 @@ def _weight_grad(a: Tensor, g: Tensor, layout: RowLayout, out: Tensor | None) ->
             out[e0:e1].zero_()
         done = max(done, e1)
     out[done:].zero_()
-    return out
+    return out, gb
 
 
 class GroupedExpertFFN(torch.autograd.Function):
@@ -436,11 +448,11 @@ class GroupedExpertFFN(torch.autograd.Function):
                 layout = row_layout(xc, counts, w1.shape[-1], w2.shape[-2])
             xp = layout.pad(xc) if ctx.own_layout else xc
             W1, B1 = (layout.take(_combine(w, coef, dtype)) for w in (w1, b1))
-            h = _add_bias(_row_matmul(xp, W1, layout), B1, layout)
+            h = _row_matmul(xp, W1, layout, bias=B1)
             del W1
             a = activate(h, activation)
             W2, B2 = (layout.take(_combine(w, coef, dtype)) for w in (w2, b2))
-            y = _add_bias(_row_matmul(a, W2, layout), B2, layout)
+            y = _row_matmul(a, W2, layout, bias=B2)
             y = layout.unpad(y) if ctx.own_layout else y
         ctx.save_for_backward(xp, h, coef, w1, b1, w2, b2)
         ctx.layout, ctx.activation, ctx.x_dtype = layout, activation, x.dtype
@@ -456,7 +468,6 @@ class GroupedExpertFFN(torch.autograd.Function):
         # weight gradients sum over all rows
         gy = gy.to(dtype).contiguous()
         gy = layout.pad(gy) if ctx.own_layout else gy
-        E = len(layout.counts)
         gcoef = torch.zeros_like(coef) if coef is not None else None
 
         def pool_grad(w: Tensor) -> Tensor | None:
@@ -470,7 +481,10 @@ class GroupedExpertFFN(torch.autograd.Function):
             a = activate(h, ctx.activation)
             W2, out2 = layout.take(_combine(w2, coef, dtype)), pool_grad(w2)
             ga = _row_matmul(gy, W2, layout, transpose=True)
-            gW2 = layout.give_back(_weight_grad(a, gy, layout, None if out2 is None else out2[0]))
+            # the biases' gradients are skipped for the constant zero biases of `bias: false` (which
+            # add nothing to ∂L/∂c either)
+            gW2, gB2 = _weight_grad(a, gy, layout, None if out2 is None else out2[0], ctx.needs_input_grad[8])
+            gW2 = layout.give_back(gW2)
             del W2, a
             gh = activation_backward(ga, h, ctx.activation)
             del ga
@@ -480,16 +494,12 @@ class GroupedExpertFFN(torch.autograd.Function):
             W1, out1 = layout.take(_combine(w1, coef, dtype)), pool_grad(w1)
             gx = _row_matmul(gh, W1, layout, transpose=True)  # every row belongs to some expert
             gx = layout.unpad(gx) if ctx.own_layout else gx
-            gW1 = layout.give_back(_weight_grad(xp, gh, layout, None if out1 is None else out1[0]))
+            gW1, gB1 = _weight_grad(xp, gh, layout, None if out1 is None else out1[0], ctx.needs_input_grad[6])
+            gW1 = layout.give_back(gW1)
             del W1
             gw1 = _source_grad(w1, coef, gcoef, gW1, out1)
             del gW1, out1
-            # bias gradients: one segment sum each, over the rows' expert ids (padding rows have
-            # zero gradients; skipped for the constant zero biases of `bias: false`, which also
-            # add nothing to ∂L/∂c)
-            gb1, gb2 = (_source_grad(b, coef, gcoef, g.new_zeros(E, g.shape[1]).index_add_(0, layout.row_expert, g))
-                        if ctx.needs_input_grad[i] else None
-                        for b, g, i in ((b1, gh, 6), (b2, gy, 8)))
+            gb1, gb2 = (None if g is None else _source_grad(b, coef, gcoef, g) for b, g in ((b1, gB1), (b2, gB2)))
         return gx.to(ctx.x_dtype), None, None, None, gcoef, gw1, gb1, gw2, gb2
 
 
