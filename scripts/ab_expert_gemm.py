@@ -1,6 +1,7 @@
 """The expert kernel (moe/expert_gemm.py) against torch._grouped_mm, both in one process, interleaved.
 
     python scripts/ab_expert_gemm.py gemm       # one forward GEMM at four shapes, and a dense GEMM of all rows
+    python scripts/ab_expert_gemm.py shares     # one forward GEMM on even and uneven counts: kernel / _grouped_mm
     python scripts/ab_expert_gemm.py layer      # the bench's layers (T = 2048, d = 256, f = 1024): ratios
     python scripts/ab_expert_gemm.py default    # a preset's training tokens/s relative to dense (also: tiny)
 
@@ -53,6 +54,19 @@ if what == "gemm":  # random counts of 0.25-1.75x the mean
                                  "dense": lambda x=x, w=w: torch.mm(x, w[0])}, 31)
         expert_gemm.MIN_EXPERTS = old
         out[f"E{E}_{d}x{h}_ms"] = {k: round(v * 1e3, 3) for k, v in t.items()}
+    print(json.dumps(out))
+elif what == "shares":  # the kernel's time over torch._grouped_mm's, whatever MIN_EXPERTS would take
+    out = {}
+    expert_gemm.MIN_EXPERTS = 1
+    for d, h in ((64, 256), (128, 64), (256, 1024)):
+        for counts in ([128] * 4, [320, 64, 64, 64], [448, 32, 16, 16], [256, 256, 0, 0], [512, 0, 0, 0], [40] * 64,
+                       [400] + [5] * 63):
+            x, w = torch.randn(sum(counts), d), torch.randn(len(counts), d, h)
+            offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+            t = interleaved_medians({"kernel": lambda x=x, w=w, c=counts: expert_gemm.rows_times_experts(x, w, c),
+                                     "_grouped_mm": lambda x=x, w=w, o=offs: torch._grouped_mm(x, w, offs=o)}, 31)
+            name = "+".join(map(str, counts)) if len(counts) == 4 else f"{counts[0]}+{len(counts) - 1}x{counts[-1]}"
+            out[f"{d}x{h}_{name}"] = round(t["kernel"] / t["_grouped_mm"], 2)
     print(json.dumps(out))
 elif what == "layer":
     shape = Shape(2048)

@@ -102,10 +102,19 @@ def test_weight_grads_equal_a_loop_of_mm_and_are_zero_without_rows(counts, into_
     assert out is None or grads.data_ptr() == out.data_ptr()
 
 
+def test_under_min_experts_it_takes_the_experts_only_while_none_is_above_a_threads_share():
+    w = torch.randn(4, 8, 8)
+    for counts, takes in (([3, 3, 3, 3], True), ([6, 6, 0, 0], True), ([7, 3, 1, 1], False), ([12, 0, 0, 0], False)):
+        assert expert_gemm.runs_on(counts, w) == (takes and expert_gemm.available()), counts
+        y = expert_gemm.rows_times_experts(torch.randn(12, 8), w, counts)
+        assert (y is not None) == (takes and expert_gemm.available())
+
+
 def test_what_it_declines_is_left_to_the_caller():
     counts = [1] * 8
     x, w, g = torch.randn(8, 8), torch.randn(8, 8, 8), torch.randn(8, 8)
-    assert expert_gemm.rows_times_experts(x[:7], w[:7], counts[:7]) is None  # under MIN_EXPERTS
+    uneven = [4, 0, 0, 0, 1, 0, 1]  # under MIN_EXPERTS, and one expert above a thread's share (6 / 2 rows)
+    assert expert_gemm.rows_times_experts(x[:6], w[:7], uneven) is None
     torch.set_num_threads(1)
     assert expert_gemm.rows_times_experts(x, w, counts) is None  # one thread: nothing to share out
     assert expert_gemm.weight_grads(x, g, counts) is None

@@ -114,13 +114,20 @@ void expert_grads(int E, const int64_t *counts, const float *x, int ldx, const f
 }
 """
 
-# Fewer experts than this keep torch._grouped_mm: a few experts share two threads unevenly, and the
-# call's own cost shows. On the `tiny` preset (4 experts of 128 rows, d = 64) the kernel made
-# training 8% (MoE) and 15% (SaMoE) slower. On one thread there is nothing to share out, and the
-# kernel took 2.04 ms against 1.88 at 64 experts of 128 rows (d = 128 -> 64): one thread keeps it too.
-# (With the bias folded in and the Python around the call cut from about 120 to 18 us, one thread
-# was measured again: 2.61 against 2.58 ms, and the default preset's training within its noise
-# either way, MoE / dense 0.81 against 0.79 over five interleaved calls. It stays at two.)
+# When the kernel takes the experts (runs_on). From MIN_EXPERTS experts always: however uneven the
+# counts, the kernel won (64 experts, one of 400 rows and 63 of 5: 0.47-0.92 of torch._grouped_mm's
+# time). Below, only while the largest expert is at most a thread's share of the rows: a thread runs
+# an expert whole, so a larger one leaves the other thread idle. Four experts against
+# torch._grouped_mm (d x h = 64 x 256, 128 x 64, 256 x 1024; `python scripts/ab_expert_gemm.py
+# shares`): 128 rows each 0.87-0.94 of its time, 256 + 256 + 0 + 0 rows 0.86-0.97, but 320 + 3 x 64
+# 0.94-1.04, 448 + 32 + 16 + 16 1.19-1.40 and 512 + 0 + 0 + 0 1.73-1.83. (Until the Python around a
+# call was cut from 120 to 18 us, a call's cost kept the `tiny` preset's four experts off the kernel
+# altogether: it made training 8-15% slower.)
+#
+# On one thread there is nothing to share out: the kernel took 2.04 ms against 1.88 at 64 experts
+# of 128 rows (d = 128 -> 64), and with the bias folded in and the lighter call, 2.61 against 2.58,
+# the default preset's training within its noise either way (MoE / dense 0.81 against 0.79 over
+# five interleaved calls). One thread keeps torch._grouped_mm.
 MIN_EXPERTS = 8
 MIN_THREADS = 2
 
@@ -181,9 +188,12 @@ def _row_major(t: Tensor) -> tuple[int, int] | None:
 
 
 def runs_on(counts: list[int], *tensors: Tensor) -> bool:
-    """Whether the kernel takes these experts and tensors (fp32, CPU, from MIN_EXPERTS experts and
-    two threads, where it builds); the products below also need their layouts."""
-    return (len(counts) >= MIN_EXPERTS and torch.get_num_threads() >= MIN_THREADS and available()
+    """Whether the kernel takes these experts and tensors: fp32 on the CPU, where it builds, from
+    MIN_THREADS threads, and MIN_EXPERTS experts or else none above a thread's share of the rows
+    (see MIN_EXPERTS). The products below also need their layouts."""
+    threads = torch.get_num_threads()
+    return (threads >= MIN_THREADS and (len(counts) >= MIN_EXPERTS or max(counts, default=0) * threads <= sum(counts))
+            and available()
             and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
             and max(t.numel() for t in tensors) < 2**31)
 
@@ -191,7 +201,7 @@ def runs_on(counts: list[int], *tensors: Tensor) -> bool:
 def rows_times_experts(x: Tensor, w: Tensor, counts: list[int], bias: Tensor | None = None) -> Tensor | None:
     """[N, n]: each expert's rows of x [N, k] times its w[e] ([E, k, n], any view with contiguous rows
     or columns), plus its bias[e] ([E, n], contiguous) on every row when given; None when the
-    kernel cannot take these tensors, there are under MIN_EXPERTS or there is one thread."""
+    kernel does not take these experts or tensors (runs_on)."""
     layout_a, layout_b = _row_major(x), _row_major(w)
     if not runs_on(counts, x, w) or layout_a != (0, x.stride(0)) or layout_b is None or w.shape[0] != len(counts):
         return None
@@ -212,8 +222,7 @@ def weight_grads(x: Tensor, g: Tensor, counts: list[int], out: Tensor | None = N
     """[E, d, h]: for each expert, its rows of x [N, d] transposed times its rows of g [N, h] (zero
     for an expert without rows), written into `out` (contiguous) when given; with `bias_grad`
     ([E, h], contiguous), each expert's rows of g summed into it too (the gradient of a bias added
-    to those rows). None when the kernel cannot take these tensors, there are under MIN_EXPERTS or
-    there is one thread."""
+    to those rows). None when the kernel does not take these experts or tensors (runs_on)."""
     if not runs_on(counts, x, g) or x.stride(1) != 1 or g.stride(1) != 1:
         return None
     E, (d, h) = len(counts), (x.shape[1], g.shape[1])

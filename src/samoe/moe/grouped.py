@@ -36,8 +36,9 @@ Why this shape:
 - biases: with the expert kernel, each expert's bias is the starting value of its output rows and
   its gradient is summed from the rows the weight gradient reads, by the same thread (the gathers
   of [N, ·] bias rows, their adds and the segment sums this replaces took 1.4 ms of a 31 ms layer
-  at the default preset's shape, under torch.profiler); otherwise added group by group, in place, and their gradients one
-  segment sum (index_add over the rows' expert ids; padding rows have zero gradients) per bias;
+  at the default preset's shape, under torch.profiler); otherwise they are added group by group,
+  in place, and their gradients are one segment sum each (index_add over the rows' expert ids;
+  padding rows have zero gradients);
 - SaMoE: the weights may be given as a pool P [K, E, ...] with mixing coefficients c ([K],
   or [E, K] per expert). The layer's experts W = Σ_k c[.., k] · P[k] are combined just before
   use, one matrix at a time (W1 for pass 1, W2 for pass 2), in forward and again in backward:
