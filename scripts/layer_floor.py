@@ -1,26 +1,27 @@
-"""How fast the `default` preset's MoE layer could be on this machine: its parts, each at the
-cheapest this machine runs it, against the layer as it runs; then what that means for training
-tokens/s relative to the dense model (issue 16's target: at least 0.85).
+"""How fast a preset's MoE layer could be on this machine: its parts, each at the cheapest this
+machine runs it, against the layer as it runs; then what that means for training tokens/s
+relative to the dense model (issue 16's targets: at least 0.85 on `default`, 0.7 on `tiny`).
 
-    python scripts/default_floor.py [--repeats 9]
+    python scripts/layer_floor.py [--preset default] [--repeats 9]
 
-Everything is one forward + backward at the preset's step (16 x 128 = 2,048 tokens, d = 128),
-fp32, interleaved medians (samoe.bench.timing), with the allocator setting of `samoe` verbs.
-The floor adds up:
-- shared:  the shared expert's branch σ(x·w)·ffn_236(x), as the layer runs it (a dense FFN);
-- router:  the router as it runs (logits, softmax, top-4, gates, load-balance and z losses);
-           printed beside it, and in a second floor, the router without its losses and
-           statistics (logits, softmax, top-4 and the gates' gather: router_min);
-- gemms:   the experts' six GEMMs on equal shares of the 8,192 routed rows, each pass one
-           torch.bmm over the 64 experts (samoe.bench.layers.gemm_floor, batched): no padding,
-           no routing; the per-expert GEMMs' time is printed beside it;
-- rows:    the least row traffic a top-4 dispatch makes: gather x's rows, scale by the gates,
+Everything is one forward + backward at the preset's step (`default`: 16 x 128 = 2,048 tokens,
+d = 128; `tiny`: 8 x 64 = 512 tokens, d = 64), fp32, interleaved medians (samoe.bench.timing),
+with the allocator setting of `samoe` verbs. The floor adds up:
+- shared:  a shared expert's branch σ(x·w)·ffn(x), as the layer runs it (a dense FFN; 0 without one);
+- router:  the router as it runs (logits, softmax, top-k, gates, load-balance and z losses, and
+           capacity where the preset has one); printed beside it, and in a second floor, the
+           router without its losses, capacity and statistics (logits, softmax, top-k and the
+           gates' gather: router_min);
+- gemms:   the experts' six GEMMs on equal shares of the T·k routed rows, each pass one
+           torch.bmm over the experts (samoe.bench.layers.gemm_floor, batched): no padding, no
+           routing; the per-expert GEMMs' time (as the layer runs them) is printed beside it;
+- rows:    the least row traffic a top-k dispatch makes: gather x's rows, scale by the gates,
            add back (forward), and the backward's gather, two scalings with the gates' sum and
            add back, on preallocated tensors;
-- act:     gelu and its backward over the [8192, 64] hidden rows.
-The dense model's FFN (width 512) is timed beside them, and the training steps of the dense and
-the MoE model. A layer saved s ms saves 4·s ms a step (4 MoE layers), so the step ratio at the
-floor is dense_step / (dense_step + 4·(floor − dense_ffn)), optimistic (the MoE model's larger
+- act:     gelu and its backward over the [T·k, h] hidden rows.
+The dense model's FFN is timed beside them, and the training steps of the dense and the MoE
+model. With L MoE layers, a layer saved s ms saves L·s ms a step, so the step ratio at the floor
+is dense_step / (dense_step + L·(floor − dense_ffn)), optimistic (the MoE model's larger
 optimiser step is left out).
 """
 
@@ -32,7 +33,7 @@ import torch
 from samoe.bench.layers import gemm_floor
 from samoe.bench.timing import interleaved_medians
 from samoe.bench.training import train_step
-from samoe.config import ffn_hidden, load_config
+from samoe.config import expert_hidden, ffn_hidden, load_config, router_top_k
 from samoe.malloc import keep_freed_memory
 from samoe.model.ffn import FeedForward
 from samoe.model.gpt import GPT
@@ -40,15 +41,17 @@ from samoe.model.gpt import GPT
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="default")
     parser.add_argument("--repeats", type=int, default=9)
-    repeats = parser.parse_args().repeats
+    args = parser.parse_args()
+    repeats, preset = args.repeats, args.preset
     keep_freed_memory()
     torch.manual_seed(0)
-    cfg = load_config(preset="default", overrides=["model.moe.sharing=private"])
-    dense_cfg = load_config(preset="default", overrides=["model.moe.enabled=false"])
+    cfg = load_config(preset=preset, overrides=["model.moe.sharing=private"])
+    dense_cfg = load_config(preset=preset, overrides=["model.moe.enabled=false"])
     B, S, d = cfg.train.batch_size, cfg.model.block_size, cfg.model.d_model
     moe = cfg.model.moe
-    T, E, k = B * S, moe.num_experts, moe.top_k
+    T, E, k, h = B * S, moe.num_experts, router_top_k(moe), expert_hidden(cfg.model)
     N = T * k
     model = GPT(cfg.model)
     layer = model.moe_layers()[0]
@@ -71,8 +74,9 @@ def main() -> None:
         clear(dense)
 
     def shared():
-        (torch.sigmoid(layer.residual_coef(x)) * layer.residual(x)).sum().backward()
-        clear(model)
+        if layer.residual is not None:
+            (torch.sigmoid(layer.residual_coef(x)) * layer.residual(x)).sum().backward()
+            clear(model)
 
     def router():
         r = layer.router(flat)
@@ -97,15 +101,15 @@ def main() -> None:
         _ = g * gate.unsqueeze(1), (g * rows_in).sum(1)
         torch.zeros(T, d).index_add_(0, token, xs)
 
-    h = torch.randn(N, moe.ffn_hidden)
+    hidden = torch.randn(N, h)
 
     def act():
-        torch.ops.aten.gelu_backward(torch.nn.functional.gelu(h), h)
+        torch.ops.aten.gelu_backward(torch.nn.functional.gelu(hidden), hidden)
 
     cases = {"moe_layer": moe_layer, "dense_ffn": dense_ffn, "shared": shared, "router": router,
              "router_min": router_min,
-             "gemms": gemm_floor(T, d, moe.ffn_hidden, E, k, batched=True),
-             "gemms_per_expert": gemm_floor(T, d, moe.ffn_hidden, E, k), "rows": rows, "act": act,
+             "gemms": gemm_floor(T, d, h, E, k, batched=True),
+             "gemms_per_expert": gemm_floor(T, d, h, E, k), "rows": rows, "act": act,
              "dense_step": train_step(dense_cfg), "moe_step": train_step(cfg)}
     t = {name: s * 1e3 for name, s in interleaved_medians(cases, repeats).items()}
     floor = t["shared"] + t["router"] + t["gemms"] + t["rows"] + t["act"]
