@@ -2,6 +2,7 @@
 
     python scripts/ab_expert_gemm.py gemm       # one forward GEMM at four shapes, and a dense GEMM of all rows
     python scripts/ab_expert_gemm.py shares     # one forward GEMM on even and uneven counts: kernel / _grouped_mm
+    python scripts/ab_expert_gemm.py call       # what a call costs: 64 experts of one row, 8 x 8 weights
     python scripts/ab_expert_gemm.py layer      # the bench's layers (T = 2048, d = 256, f = 1024): ratios
     python scripts/ab_expert_gemm.py default    # a preset's training tokens/s relative to dense (also: tiny)
 
@@ -68,6 +69,14 @@ elif what == "shares":  # the kernel's time over torch._grouped_mm's, whatever M
             name = "+".join(map(str, counts)) if len(counts) == 4 else f"{counts[0]}+{len(counts) - 1}x{counts[-1]}"
             out[f"{d}x{h}_{name}"] = round(t["kernel"] / t["_grouped_mm"], 2)
     print(json.dumps(out))
+elif what == "call":  # next to nothing to compute: the Python around the kernel, and the kernel's own loop
+    counts, x, w = [1] * 64, torch.randn(64, 8), torch.randn(64, 8, 8)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    def times200(fn):
+        return lambda: [fn() for _ in range(200)]
+    t = interleaved_medians({"kernel": times200(lambda: expert_gemm.rows_times_experts(x, w, counts)),
+                             "_grouped_mm": times200(lambda: torch._grouped_mm(x, w, offs=offs))}, 31)
+    print(json.dumps({f"{k}_us": round(v / 200 * 1e6, 1) for k, v in t.items()}))
 elif what == "layer":
     shape = Shape(2048)
     x = torch.randn(1, shape.tokens, shape.d_model, requires_grad=True)

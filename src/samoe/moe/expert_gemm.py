@@ -15,9 +15,9 @@ Two products, row-major fp32, experts e = 0..E-1 with n_e rows each, rows of an 
                          (and gb[e] = Σ g[rows of e], the bias's gradient, when asked)
 
 The bias and its gradient are done by the thread that runs the expert, on rows it has in cache,
-instead of separate passes over all the rows (moe/grouped.py says what that saved). The Python
-around a call stays small (18 us at 64 experts; numpy index arithmetic took 120 us a call, six
-calls a layer a step): the experts' order and first rows are worked out in C.
+instead of separate passes over all the rows (moe/grouped.py says what that saved). The experts'
+order and first rows are worked out in C, not in numpy around the call: a call on 64 experts of
+one row took 15-34 us against 48-51 (`python scripts/ab_expert_gemm.py call`), six calls a layer.
 
 The kernel is a few lines of C (SOURCE) built once per PyTorch install with the system's C
 compiler and linked to the BLAS (MKL's sgemm_) and the OpenMP runtime (libgomp) that PyTorch's
@@ -120,9 +120,9 @@ void expert_grads(int E, const int64_t *counts, const float *x, int ldx, const f
 # an expert whole, so a larger one leaves the other thread idle. Four experts against
 # torch._grouped_mm (d x h = 64 x 256, 128 x 64, 256 x 1024; `python scripts/ab_expert_gemm.py
 # shares`): 128 rows each 0.87-0.94 of its time, 256 + 256 + 0 + 0 rows 0.86-0.97, but 320 + 3 x 64
-# 0.94-1.04, 448 + 32 + 16 + 16 1.19-1.40 and 512 + 0 + 0 + 0 1.73-1.83. (Until the Python around a
-# call was cut from 120 to 18 us, a call's cost kept the `tiny` preset's four experts off the kernel
-# altogether: it made training 8-15% slower.)
+# 0.94-1.04, 448 + 32 + 16 + 16 1.19-1.40 and 512 + 0 + 0 + 0 1.73-1.83. (Until a call's index
+# arithmetic moved into C, its cost kept the `tiny` preset's four experts off the kernel altogether:
+# it made training 8-15% slower.)
 #
 # On one thread there is nothing to share out: the kernel took 2.04 ms against 1.88 at 64 experts
 # of 128 rows (d = 128 -> 64), and with the bias folded in and the lighter call, 2.61 against 2.58,
