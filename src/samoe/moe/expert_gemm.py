@@ -115,14 +115,14 @@ void expert_grads(int E, const int64_t *counts, const float *x, int ldx, const f
 """
 
 # When the kernel takes the experts (runs_on). From MIN_EXPERTS experts always: however uneven the
-# counts, the kernel won (64 experts, one of 400 rows and 63 of 5: 0.47-0.92 of torch._grouped_mm's
+# counts, the kernel won (64 experts, one of 400 rows and 63 of 5: 0.35-0.93 of torch._grouped_mm's
 # time). Below, only while the largest expert is at most a thread's share of the rows: a thread runs
 # an expert whole, so a larger one leaves the other thread idle. Four experts against
-# torch._grouped_mm (d x h = 64 x 256, 128 x 64, 256 x 1024; `python scripts/ab_expert_gemm.py
-# shares`): 128 rows each 0.87-0.94 of its time, 256 + 256 + 0 + 0 rows 0.86-0.97, but 320 + 3 x 64
-# 0.94-1.04, 448 + 32 + 16 + 16 1.19-1.40 and 512 + 0 + 0 + 0 1.73-1.83. (Until a call's index
-# arithmetic moved into C, its cost kept the `tiny` preset's four experts off the kernel altogether:
-# it made training 8-15% slower.)
+# torch._grouped_mm, two runs of `python scripts/ab_expert_gemm.py shares` (d x h = 64 x 256,
+# 128 x 64, 256 x 1024): 128 rows each 0.82-0.94 of its time, 256 + 256 + 0 + 0 rows 0.86-0.98, but
+# 320 + 3 x 64 0.94-1.04, 448 + 32 + 16 + 16 1.19-1.40 and 512 + 0 + 0 + 0 1.66-1.86. (Until a call's
+# index arithmetic moved into C, its cost kept the `tiny` preset's four experts off the kernel
+# altogether: it made training 8-15% slower.)
 #
 # On one thread there is nothing to share out: the kernel took 2.04 ms against 1.88 at 64 experts
 # of 128 rows (d = 128 -> 64), and with the bias folded in and the lighter call, 2.61 against 2.58,
