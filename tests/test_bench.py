@@ -136,6 +136,26 @@ def test_peer_comparison_records_a_skipped_peer_and_divides_the_peer_time_by_our
     assert "peer_gone_vs_ours" not in r
 
 
+def test_each_side_of_a_peer_comparison_is_also_timed_against_the_dense_ffn_of_our_layers_shape(monkeypatch):
+    clock, calls, built = FakeClock(), [], []
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    model = layers.moe_model(Shape(tokens=4, d_model=8, hidden=12, activation="swiglu"), 2)
+
+    def dense(*args):  # the FFN of our shape, taking 4 time units a call
+        built.append(args)
+        return lambda x: _Sum(clock.case("dense", [4] * 3, calls))
+
+    def peer(shape, E):  # 6 units a call; ours 2
+        return (lambda x: _Sum(clock.case("peer", [6] * 3, calls))), \
+            ((lambda x: _Sum(clock.case("ours", [2] * 3, calls))), model)
+
+    monkeypatch.setattr(peers, "FeedForward", dense)
+    monkeypatch.setattr(peers, "PEERS", {"p": peer})
+    r = peers.compare(Shape(tokens=4, d_model=8, hidden=12), E=2, repeats=1)
+    assert built == [(8, 12, "swiglu", 1)]
+    assert (r["peer_p_vs_ours"], r["p_vs_dense"], r["ours_for_p_vs_dense"]) == (3, 1.5, 0.5)
+
+
 class _Sum:
     """Stands for a layer's output: .sum().backward() runs the case."""
 
@@ -190,7 +210,8 @@ def test_markdown_and_json_report(tmp_path, monkeypatch):
             "quick": True, "tokens": 64, "repeats": 1, "moe_vs_dense_e16": 1.2,
             "moe_vs_dense_e64": 1.4, "samoe_vs_moe": 1.1, "samoe_vs_moe_peak_mem": 0.5,
             "samoe_vs_moe_peak_mem_b1": 0.5, "samoe_step_peak_mib_b1": 50.0, "moe_step_peak_mib_b1": 100.0,
-            "peer_hf_switch_vs_ours": 1.5, "skipped": {"deepspeed": "not installed (deepspeed)"},
+            "peer_hf_switch_vs_ours": 1.5, "hf_switch_vs_dense": 1.8, "ours_for_hf_switch_vs_dense": 1.2,
+            "skipped": {"deepspeed": "not installed (deepspeed)"},
             "tiny_samoe_tokens_per_s": 1.0, "tiny_moe_tokens_per_s": 2.0, "tiny_dense_tokens_per_s": 3.0,
             "scaling": [{"tokens": 64, "experts": 4, "moe_vs_dense": 1.3, "samoe_vs_moe": 1.1, "dense_ms": 1.0}],
             "bandwidth_gb_per_s": 20.0,
@@ -206,9 +227,12 @@ def test_markdown_and_json_report(tmp_path, monkeypatch):
     assert "| (a) MoE top-1 (dropless) layer time / dense FFN, E = 16 | 1.20x | ≤ 1.15x |" in text
     assert "| 64 | 4 | 2 | 8 | 1.0 | 1.30x | 1.25x | 1.05x | 1.10x | 1.20x | 1.15x |" in text and "20.0 GB/s" in text
     assert "hf_switch time / ours | 1.50x" in text and "deepspeed | skipped: not installed" in text
+    assert "dense FFN of its shape, in the same round-robin: hf_switch 1.80x and ours 1.20x." in text
     assert json.loads(js.read_text()) == {"moe_vs_dense_e16": 1.2, "moe_vs_dense_e64": 1.4, "samoe_vs_moe": 1.1,
                                           "samoe_vs_moe_peak_mem": 0.5, "samoe_vs_moe_peak_mem_b1": 0.5,
-                                          "peer_hf_switch_vs_ours": 1.5, "training_shapes": fake["training_shapes"]}
+                                          "peer_hf_switch_vs_ours": 1.5, "hf_switch_vs_dense": 1.8,
+                                          "ours_for_hf_switch_vs_dense": 1.2,
+                                          "training_shapes": fake["training_shapes"]}
 
 
 def test_samoe_is_timed_on_the_moes_routing():

@@ -10,7 +10,10 @@ is skipped and reported as such.
   einsums, O(T·E·C) memory) on a one-process gloo group. Ours: switch, same capacity, gelu.
 
 Run as `python -m samoe.bench.peers TOKENS D_MODEL HIDDEN EXPERTS REPEATS`: it prints one JSON
-object {"peer_<name>_vs_ours": ratio, ...} plus {"skipped": {name: reason}}. Both run under the
+object {"peer_<name>_vs_ours": ratio, ...} plus {"skipped": {name: reason}}, and each side's time
+over the dense FFN of our layer's shape, timed in the same round-robin ("<name>_vs_dense",
+"ours_for_<name>_vs_dense"): a peer at p times the dense FFN can be 1.3x slower than ours only if
+ours runs at p / 1.3 of it, which the GEMM floor of bench part (h) may not allow. Both run under the
 allocator setting of every samoe verb (samoe.malloc). Until 2026-12-03 this part ran with freed
 memory going back to the system, which added the same page faults to both sides and pulled the
 ratios toward 1: at T = 2048, E = 16, hf_switch took 107 ms against our 104, and 74 against 65
@@ -95,10 +98,17 @@ def compare(shape: Shape, E: int, repeats: int) -> dict:
             continue
         torch.manual_seed(0)
         x = torch.randn(1, shape.tokens, shape.d_model, requires_grad=True)
-        t = interleaved_medians({"peer": lambda peer=peer, x=x: peer(x).sum().backward(),
-                                 "ours": lambda mine=mine, x=x: mine(x).sum().backward()}, repeats)
+        cases = {"peer": lambda peer=peer, x=x: peer(x).sum().backward(),
+                 "ours": lambda mine=mine, x=x: mine(x).sum().backward()}
+        if _model is not None:  # the dense FFN of our layer's shape (its width, its activation)
+            m = _model.cfg
+            dense = FeedForward(m.d_model, m.ffn_hidden, m.activation, 1)
+            cases["dense"] = lambda dense=dense, x=x: dense(x).sum().backward()
+        t = interleaved_medians(cases, repeats)
         out[f"peer_{name}_vs_ours"] = t["peer"] / t["ours"]
         out[f"time_peer_{name}"], out[f"time_ours_for_{name}"] = t["peer"], t["ours"]
+        if "dense" in t:
+            out[f"{name}_vs_dense"], out[f"ours_for_{name}_vs_dense"] = t["peer"] / t["dense"], t["ours"] / t["dense"]
     return out
 
 

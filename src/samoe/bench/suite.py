@@ -106,10 +106,16 @@ def markdown(r: dict, command: str) -> str:
         "", "| what | ratio | target |", "| --- | --- | --- |",
         *(f"| {what} | {fmt(key)} | {target} |" for key, what, target in HEADLINE),
     ]
-    for key in sorted(k for k in r if k.startswith("peer_")):
-        lines.append(f"| (c) {key[5:-8]} time / ours | {r[key]:.2f}x | ≥ 1.3x |")
+    peers = sorted(k[5:-8] for k in r if k.startswith("peer_") and k.endswith("_vs_ours"))
+    for name in peers:
+        lines.append(f"| (c) {name} time / ours | {r[f'peer_{name}_vs_ours']:.2f}x | ≥ 1.3x |")
     for name, reason in r.get("skipped", {}).items():
         lines.append(f"| (c) {name} | skipped: {reason} | |")
+    against_dense = [f"{name} {r[f'{name}_vs_dense']:.2f}x and ours {r[f'ours_for_{name}_vs_dense']:.2f}x"
+                     for name in peers if f"{name}_vs_dense" in r]
+    if against_dense:
+        lines += ["", "(c) Each side's time over the dense FFN of its shape, in the same round-robin: "
+                  + "; ".join(against_dense) + "."]
     lines += ["", "(d) Training throughput (tokens/s, one optimiser step on random tokens):", "",
               "| preset | SaMoE | MoE | dense |", "| --- | --- | --- | --- |"]
     for preset, label in (("tiny", "tiny"), ("default", "default"), ("default_1t", "default, 1 thread")):
@@ -165,7 +171,7 @@ def main(quick: bool, repeats: int, json_path: str | None, doc_path: str, comman
     results = run_suite(quick, repeats)
     write_text_atomic(Path(doc_path), markdown(results, command))
     if json_path:
-        ratios = {k: v for k, v in results.items() if k in TARGETS or k.startswith("peer_")}
+        ratios = {k: v for k, v in results.items() if k in TARGETS or k.startswith("peer_") or k.endswith("_vs_dense")}
         ratios["training_shapes"] = results["training_shapes"]
         write_text_atomic(Path(json_path), json.dumps(ratios, indent=2) + "\n")
     return results
