@@ -127,13 +127,24 @@ def test_peer_comparison_records_a_skipped_peer_and_divides_the_peer_time_by_our
 
     def slow_peer(shape, E):  # the peer takes 6 time units per call, ours 2
         peer, ours = clock.case("peer", [6] * 3, calls), clock.case("ours", [2] * 3, calls)
-        return (lambda x: _Sum(peer)), ((lambda x: _Sum(ours)), None)
+        return (lambda x: _Sum(peer)), None, ((lambda x: _Sum(ours)), None)
 
     monkeypatch.setattr(peers, "PEERS", {"gone": missing, "slow": slow_peer})
     r = peers.compare(Shape(tokens=4, d_model=2, hidden=4), E=2, repeats=1)
     assert r["skipped"] == {"gone": "not installed (nopeer)"}
     assert r["peer_slow_vs_ours"] == 3 and (r["time_peer_slow"], r["time_ours_for_slow"]) == (6, 2)
     assert "peer_gone_vs_ours" not in r
+
+
+def test_a_peer_comparison_call_leaves_no_gradients_behind_as_an_optimiser_step_would():
+    """Gradients left in place would make the next call accumulate into them: a pass over every
+    weight added to each side."""
+    layer, x, seen = torch.nn.Linear(4, 4), torch.randn(3, 4, requires_grad=True), []
+    layer.weight.register_hook(lambda g: seen.append(g.shape))
+    step = peers.fwd_bwd(layer, x, layer)
+    step()
+    step()
+    assert seen == [(4, 4)] * 2 and x.grad is None and all(p.grad is None for p in layer.parameters())
 
 
 def test_each_side_of_a_peer_comparison_is_also_timed_against_the_dense_ffn_of_our_layers_shape(monkeypatch):
@@ -146,7 +157,7 @@ def test_each_side_of_a_peer_comparison_is_also_timed_against_the_dense_ffn_of_o
         return lambda x: _Sum(clock.case("dense", [4] * 3, calls))
 
     def peer(shape, E):  # 6 units a call; ours 2
-        return (lambda x: _Sum(clock.case("peer", [6] * 3, calls))), \
+        return (lambda x: _Sum(clock.case("peer", [6] * 3, calls))), None, \
             ((lambda x: _Sum(clock.case("ours", [2] * 3, calls))), model)
 
     monkeypatch.setattr(peers, "FeedForward", dense)

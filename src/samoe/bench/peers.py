@@ -54,7 +54,7 @@ def hf_switch(shape: Shape, E: int):
                                    expert_capacity=math.ceil(CAPACITY_FACTOR * shape.tokens / E), dropout_rate=0.0,
                                    router_jitter_noise=0.0)
     peer = SwitchTransformersSparseMLP(cfg)
-    return peer, ours(shape, E, "switch", 1, dropless=False)
+    return peer, peer, ours(shape, E, "switch", 1, dropless=False)
 
 
 def hf_mixtral(shape: Shape, E: int):
@@ -67,7 +67,7 @@ def hf_mixtral(shape: Shape, E: int):
     for p in peer.parameters():
         torch.nn.init.normal_(p, std=0.02)
     swiglu = Shape(shape.tokens, shape.d_model, shape.hidden, "swiglu")
-    return peer, ours(swiglu, E, "topk", 2, dropless=True)
+    return peer, peer, ours(swiglu, E, "topk", 2, dropless=True)
 
 
 def deepspeed_moe(shape: Shape, E: int):
@@ -82,28 +82,43 @@ def deepspeed_moe(shape: Shape, E: int):
     layer = MoE(hidden_size=shape.d_model, expert=FeedForward(shape.d_model, shape.hidden, "gelu", 1),
                 num_experts=E, ep_size=1, k=1, capacity_factor=CAPACITY_FACTOR,
                 eval_capacity_factor=CAPACITY_FACTOR, min_capacity=4, drop_tokens=True)
-    return (lambda x: layer(x)[0]), ours(shape, E, "switch", 1, dropless=False)
+    return (lambda x: layer(x)[0]), layer, ours(shape, E, "switch", 1, dropless=False)
 
 
 PEERS = {"hf_switch": hf_switch, "hf_mixtral": hf_mixtral, "deepspeed": deepspeed_moe}
 
 
+def fwd_bwd(fn, x: torch.Tensor, *owners: torch.nn.Module | None):
+    """One forward + backward of fn(x), its gradients then dropped as an optimiser step with
+    zero_grad(set_to_none=True) leaves them: accumulating into the last call's gradients would add
+    a pass over every weight to both sides of a comparison (1.9 ms a call at E = 16)."""
+    params = [p for m in owners if m is not None for p in m.parameters()]
+
+    def step():
+        fn(x).sum().backward()
+        for p in (x, *params):
+            p.grad = None
+    return step
+
+
 def compare(shape: Shape, E: int, repeats: int) -> dict:
+    """Each installed peer against ours (and both against the dense FFN of our layer's shape) at E
+    experts: a builder of PEERS gives (the peer's call, the module holding its weights, (our
+    call, our model))."""
     out: dict = {"skipped": {}}
     for name, build in PEERS.items():
         try:
-            peer, (mine, _model) = build(shape, E)
+            peer, peer_module, (mine, model) = build(shape, E)
         except ImportError as e:
             out["skipped"][name] = f"not installed ({e.name or e})"
             continue
         torch.manual_seed(0)
         x = torch.randn(1, shape.tokens, shape.d_model, requires_grad=True)
-        cases = {"peer": lambda peer=peer, x=x: peer(x).sum().backward(),
-                 "ours": lambda mine=mine, x=x: mine(x).sum().backward()}
-        if _model is not None:  # the dense FFN of our layer's shape (its width, its activation)
-            m = _model.cfg
+        cases = {"peer": fwd_bwd(peer, x, peer_module), "ours": fwd_bwd(mine, x, model)}
+        if model is not None:  # the dense FFN of our layer's shape (its width, its activation)
+            m = model.cfg
             dense = FeedForward(m.d_model, m.ffn_hidden, m.activation, 1)
-            cases["dense"] = lambda dense=dense, x=x: dense(x).sum().backward()
+            cases["dense"] = fwd_bwd(dense, x, dense if isinstance(dense, torch.nn.Module) else None)
         t = interleaved_medians(cases, repeats)
         out[f"peer_{name}_vs_ours"] = t["peer"] / t["ours"]
         out[f"time_peer_{name}"], out[f"time_ours_for_{name}"] = t["peer"], t["ours"]
