@@ -4,7 +4,8 @@ layer at its training step, operators by self CPU time, per layer call.
     python scripts/profile_layer.py [--preset default] [--sharing private] [--calls 20]
 
 Prints one line of JSON: the layer's self CPU time per call in ms (profiled, so above its plain
-time) and the top operators' ms per call, each with its input shapes. Run it against another
+time), its operator calls (aten::) per call, and the top operators' ms per call, each with its
+input shapes. Run it against another
 checkout with PYTHONPATH=<that checkout>/src to see what a change moved.
 """
 
@@ -51,6 +52,7 @@ def main() -> None:
     total = sum(e.self_cpu_time_total for e in events)
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]
     print(json.dumps({"layer_ms": round(total / args.calls / 1e3, 2),
+                      "aten_calls": round(sum(e.count for e in events if e.key.startswith("aten::")) / args.calls),
                       "top_ms": [[e.key, str(e.input_shapes), round(e.self_cpu_time_total / args.calls / 1e3, 3)]
                                  for e in top]}))
 
