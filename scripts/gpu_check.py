@@ -80,7 +80,8 @@ def _check_grouped(device: str, small: bool) -> list[dict]:
                 counts[1] = 0  # an expert without tokens
                 x = torch.randn(sum(counts), d, generator=gen, dtype=torch.float64)
                 gy = torch.randn(sum(counts), d, generator=gen, dtype=torch.float64)
-                ref_in = [t.clone().requires_grad_() for t in (x, *ws)] + ([coef.clone().requires_grad_()] if pooled else [])
+                ref_in = [t.clone().requires_grad_() for t in (x, *ws)]
+                ref_in += [coef.clone().requires_grad_()] if pooled else []
                 y_ref = reference(ref_in[0], counts, ExpertSource(*ref_in[1:5], coef=ref_in[5] if pooled else None),
                                   activation)  # the tests' loop over experts, in float64 on the CPU
                 ref_grads = torch.autograd.grad((y_ref * gy).sum(), ref_in)
@@ -131,13 +132,16 @@ def check_training(device: str, out: Path, steps: int) -> dict:
                "--quiet", f"--max-steps={steps}", f"train.dtype={dtype}", "train.eval_every=1000"]
         t0 = time.time()
         done = subprocess.run(cmd, capture_output=True, text=True)
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] if done.returncode == 0 else []
+        rows = ([json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+                if done.returncode == 0 else [])
         result[dtype] = {"rc": done.returncode, "wall_s": round(time.time() - t0, 1),
-                         "first_loss": rows[0]["loss"] if rows else None, "last_loss": rows[-1]["loss"] if rows else None,
+                         "first_loss": rows[0]["loss"] if rows else None,
+                         "last_loss": rows[-1]["loss"] if rows else None,
                          "stderr_tail": done.stderr[-500:] if done.returncode else ""}
     ev = subprocess.run([sys.executable, "-m", "samoe", "eval", str(out / "run-bfloat16"), "--device", "cpu", "--json"],
                         capture_output=True, text=True)
-    result["eval_on_cpu"] = json.loads(ev.stdout) if ev.returncode == 0 else {"rc": ev.returncode, "stderr": ev.stderr[-500:]}
+    result["eval_on_cpu"] = (json.loads(ev.stdout) if ev.returncode == 0
+                             else {"rc": ev.returncode, "stderr": ev.stderr[-500:]})
     result["ok"] = all(result[d]["rc"] == 0 and result[d]["last_loss"] < result[d]["first_loss"]
                        for d in ("float32", "bfloat16")) and ev.returncode == 0
     return result
@@ -168,7 +172,8 @@ def timing(device: str, small: bool, repeats: int) -> list[dict]:
             ids = torch.zeros(1, shape.tokens, dtype=torch.long, device=device)
             models = {"moe_e16": moe_model(shape, 16), "moe_e64": moe_model(shape, 64),
                       "samoe_e16": moe_model(shape, 16, "pool", 2)}
-            cases = {"dense": fwd_bwd(FeedForward(shape.d_model, shape.hidden, shape.activation, 1).to(device), x, None)}
+            dense = FeedForward(shape.d_model, shape.hidden, shape.activation, 1).to(device)
+            cases = {"dense": fwd_bwd(dense, x, None)}
             for name, m in models.items():
                 m.to(device)
                 cases[name] = fwd_bwd(m.moe_layers()[0], x, ids, m)

@@ -48,6 +48,9 @@ void sgemm_(const char *ta, const char *tb, const int *m, const int *n, const in
             const float *a, const int *lda, const float *b, const int *ldb, const float *beta, float *c,
             const int *ldc);
 
+static const float one = 1.0f, zero = 0.0f;  /* sgemm_ takes every argument by address */
+static const char N = 'N', T = 'T';
+
 /* Expert e has counts[e] rows from row start[e] = counts[0] + ... + counts[e-1]. The threads take the experts one at
    a time, largest first (order), so that they finish together. */
 static void plan(int E, const int64_t *counts, int *order, int64_t *start) {
@@ -69,8 +72,6 @@ void expert_rows(int E, const int64_t *counts, const float *x, int ldx, const fl
     int order[E];
     int64_t start[E];
     plan(E, counts, order, start);
-    const float one = 1.0f, zero = 0.0f;
-    const char N = 'N', T = 'T';
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int i = 0; i < E; i++) {
         const int e = order[i], m = (int)counts[e];
@@ -91,8 +92,6 @@ void expert_grads(int E, const int64_t *counts, const float *x, int ldx, const f
     int order[E];
     int64_t start[E];
     plan(E, counts, order, start);
-    const float one = 1.0f, zero = 0.0f;
-    const char N = 'N', T = 'T';
     #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int i = 0; i < E; i++) {
         const int e = order[i], k = (int)counts[e];
