@@ -104,6 +104,7 @@ def test_weight_grads_equal_a_loop_of_mm_and_are_zero_without_rows(counts, into_
 
 def test_under_min_experts_it_takes_the_experts_only_while_none_is_above_a_threads_share():
     w = torch.randn(4, 8, 8)
+    assert not expert_gemm.runs_on([], w)  # no experts: nothing to run
     for counts, takes in (([3, 3, 3, 3], True), ([6, 6, 0, 0], True), ([7, 3, 1, 1], False), ([12, 0, 0, 0], False)):
         assert expert_gemm.runs_on(counts, w) == (takes and expert_gemm.available()), counts
         y = expert_gemm.rows_times_experts(torch.randn(12, 8), w, counts)

@@ -191,7 +191,8 @@ def runs_on(counts: list[int], *tensors: Tensor) -> bool:
     MIN_THREADS threads, and MIN_EXPERTS experts or else none above a thread's share of the rows
     (see MIN_EXPERTS). The products below also need their layouts."""
     threads = torch.get_num_threads()
-    return (threads >= MIN_THREADS and (len(counts) >= MIN_EXPERTS or max(counts, default=0) * threads <= sum(counts))
+    return (threads >= MIN_THREADS and len(counts) > 0
+            and (len(counts) >= MIN_EXPERTS or max(counts) * threads <= sum(counts))
             and available()
             and all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
             and max(t.numel() for t in tensors) < 2**31)
