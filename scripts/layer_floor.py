@@ -6,7 +6,7 @@ relative to the dense model (issue 16's targets: at least 0.85 on `default`, 0.7
 
 Everything is one forward + backward at the preset's step (`default`: 16 x 128 = 2,048 tokens,
 d = 128; `tiny`: 8 x 64 = 512 tokens, d = 64), fp32, interleaved medians (samoe.bench.timing) of
-samples of about 20 ms (a short call repeated in a row; `repeated`),
+samples of about 20 ms (a short call repeated in a row: interleaved_medians' sample_s),
 with the allocator setting of `samoe` verbs. The floor adds up:
 - shared:  a shared expert's branch σ(x·w)·ffn(x), as the layer runs it (a dense FFN; 0 without one);
 - router:  the router as it runs (logits, softmax, top-k, gates, load-balance and z losses, and
@@ -28,7 +28,6 @@ optimiser step is left out).
 
 import argparse
 import json
-import time
 
 import torch
 
@@ -39,20 +38,6 @@ from samoe.config import expert_hidden, ffn_hidden, load_config, router_top_k
 from samoe.malloc import keep_freed_memory
 from samoe.model.ffn import FeedForward
 from samoe.model.gpt import GPT
-
-
-def repeated(cases: dict, sample_s: float = 0.02) -> tuple[dict, dict]:
-    """(the cases, each repeated within a sample until a sample takes about sample_s, from one call
-    timed after a warm-up; how many times each). A lone call of a fraction of a millisecond, timed
-    between the other cases, measures the caches they left: the `tiny` router took 1.15 ms a call
-    so, and 0.47-0.49 ms a call repeated 20 times in a row."""
-    reps = {}
-    for name, fn in cases.items():
-        fn()
-        t0 = time.perf_counter()
-        fn()
-        reps[name] = max(1, round(sample_s / (time.perf_counter() - t0)))
-    return {name: (lambda fn=fn, n=reps[name]: [fn() for _ in range(n)]) for name, fn in cases.items()}, reps
 
 
 def main() -> None:
@@ -127,8 +112,7 @@ def main() -> None:
              "gemms": gemm_floor(T, d, h, E, k, batched=True),
              "gemms_per_expert": gemm_floor(T, d, h, E, k), "rows": rows, "act": act,
              "dense_step": train_step(dense_cfg), "moe_step": train_step(cfg)}
-    runs, reps = repeated(cases)
-    t = {name: s * 1e3 / reps[name] for name, s in interleaved_medians(runs, repeats).items()}
+    t = {name: s * 1e3 for name, s in interleaved_medians(cases, repeats, sample_s=0.02).items()}
     floor = t["shared"] + t["router"] + t["gemms"] + t["rows"] + t["act"]
     L = sum(1 for _ in model.moe_layers())
     out = {name: round(ms, 2) for name, ms in t.items()}

@@ -61,6 +61,19 @@ def test_layer_ratios_have_stable_names():
     assert all(math.isfinite(v) and v > 0 for k, v in r.items() if k.startswith(("time_", "moe_vs", "samoe_vs")))
 
 
+def test_with_sample_s_each_sample_is_calls_in_a_row_sized_by_the_last_warm_up_and_divided_back(monkeypatch):
+    clock, calls = FakeClock(), []
+    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    # warm-ups of 9 and 2 units: samples of round(10 / 2) = 5 calls; "b" (20 units) keeps 1
+    a = clock.case("a", [9, 2] + [1, 1, 1, 1, 6] + [3] * 5 + [2] * 5, calls)
+    b = clock.case("b", [20, 20, 30, 10, 40], calls)
+    t = interleaved_medians({"a": a, "b": b}, repeats=3, warmup=2, sample_s=10)
+    assert calls == ["a", "b"] * 2 + (["a"] * 5 + ["b"]) * 3
+    assert t == {"a": 2, "b": 30}  # a's samples: 10 / 5, 15 / 5, 10 / 5 per call
+    with pytest.raises(ValueError):
+        interleaved_medians({"a": a}, repeats=1, warmup=0, sample_s=1)
+
+
 def test_traffic_bound_is_the_dense_time_plus_the_extra_weights_streamed_three_times():
     # 1e6 extra fp32 weights, 3 passes: 12 MB at 12 GB/s is 1 ms on top of a 4 ms dense layer
     assert layers.weight_traffic_bound(0.004, 1_250_000, 250_000, 12e9) == pytest.approx(1.25)
@@ -261,9 +274,9 @@ def test_samoe_is_timed_on_the_moes_routing():
 def test_training_throughput_runs_at_the_threads_asked_and_restores_them(monkeypatch):
     seen = []
 
-    def timed(fns, repeats):
+    def timed(fns, repeats, **kw):
         seen.append(torch.get_num_threads())
-        return interleaved_medians(fns, repeats)
+        return interleaved_medians(fns, repeats, **kw)
 
     monkeypatch.setattr(training, "interleaved_medians", timed)
     before = torch.get_num_threads()

@@ -38,7 +38,9 @@ def training_throughput(preset: str, repeats: int = 5, threads: int | None = Non
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
     try:
-        t = interleaved_medians({name: train_step(cfg) for name, cfg in cfgs.items()}, repeats)
+        # steps in a row, as training runs them (a sample of about 50 ms: one step of `default`, 4-6 of
+        # `tiny`, whose lone steps measured each variant in the caches the others left)
+        t = interleaved_medians({name: train_step(cfg) for name, cfg in cfgs.items()}, repeats, sample_s=0.05)
     finally:
         torch.set_num_threads(before)
     key = preset if threads is None else f"{preset}_{threads}t"
