@@ -6,9 +6,10 @@ several repeats after warm-up); the seconds beside them only say what was compar
     (a) MoE layer fwd+bwd vs a dense FFN of the same width, top-1 dropless, E = 16 and 64,
         at T = 2048 tokens (what the default preset's layers see per step)
     (b) SaMoE layer (K = 2) vs the standard MoE layer at the same E
-    (c) our layer vs peer implementations (hf_switch, hf_mixtral, deepspeed) when installed
+    (c) our layer vs peer implementations (hf_switch, hf_mixtral, deepspeed) when installed,
+        each side also against the dense FFN of our layer's shape
     (d) training tokens/s of the tiny and default presets: SaMoE vs MoE vs dense (default also at
-        one thread, as studies run two training processes of one thread each)
+        one thread, as studies run two training processes of one thread each), steps in a row
     (e) peak memory of a training step, SaMoE vs MoE (12 layers, MoE every other, E = 16, K = 2)
     (f) how (a) and (b) change with T and E
     (g) data: near-dedup and tokenisation throughput; training memory as the dataset grows
@@ -116,7 +117,8 @@ def markdown(r: dict, command: str) -> str:
     if against_dense:
         lines += ["", "(c) Each side's time over the dense FFN of its shape, in the same round-robin: "
                   + "; ".join(against_dense) + "."]
-    lines += ["", "(d) Training throughput (tokens/s, one optimiser step on random tokens):", "",
+    lines += ["", "(d) Training throughput (tokens/s of optimiser steps on random tokens, timed in samples of "
+              "about 50 ms of steps in a row, as training runs them):", "",
               "| preset | SaMoE | MoE | dense |", "| --- | --- | --- | --- |"]
     for preset, label in (("tiny", "tiny"), ("default", "default"), ("default_1t", "default, 1 thread")):
         if f"{preset}_moe_tokens_per_s" in r:
