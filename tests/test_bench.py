@@ -140,7 +140,7 @@ def test_peer_comparison_records_a_skipped_peer_and_divides_the_peer_time_by_our
 
     def slow_peer(shape, E):  # the peer takes 6 time units per call, ours 2
         peer, ours = clock.case("peer", [6] * 3, calls), clock.case("ours", [2] * 3, calls)
-        return (lambda x: _Sum(peer)), None, ((lambda x: _Sum(ours)), None)
+        return (lambda x: _Sum(peer)), torch.nn.Module(), (_Timed(ours), None)
 
     monkeypatch.setattr(peers, "PEERS", {"gone": missing, "slow": slow_peer})
     r = peers.compare(Shape(tokens=4, d_model=2, hidden=4), E=2, repeats=1)
@@ -149,15 +149,19 @@ def test_peer_comparison_records_a_skipped_peer_and_divides_the_peer_time_by_our
     assert "peer_gone_vs_ours" not in r
 
 
-def test_a_peer_comparison_call_leaves_no_gradients_behind_as_an_optimiser_step_would():
+def test_a_peer_comparison_call_leaves_no_gradients_behind_as_an_optimiser_step_would(monkeypatch):
     """Gradients left in place would make the next call accumulate into them: a pass over every
     weight added to each side."""
-    layer, x, seen = torch.nn.Linear(4, 4), torch.randn(3, 4, requires_grad=True), []
-    layer.weight.register_hook(lambda g: seen.append(g.shape))
-    step = peers.fwd_bwd(layer, x, layer)
-    step()
-    step()
-    assert seen == [(4, 4)] * 2 and x.grad is None and all(p.grad is None for p in layer.parameters())
+    layers_seen = []
+
+    def linear_peer(shape, E):
+        peer, mine = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        layers_seen.extend([peer, mine])
+        return peer, peer, (mine, None)
+
+    monkeypatch.setattr(peers, "PEERS", {"linear": linear_peer})
+    peers.compare(Shape(tokens=3, d_model=4, hidden=4), E=2, repeats=2)
+    assert all(p.grad is None for layer in layers_seen for p in layer.parameters())
 
 
 def test_each_side_of_a_peer_comparison_is_also_timed_against_the_dense_ffn_of_our_layers_shape(monkeypatch):
@@ -165,19 +169,35 @@ def test_each_side_of_a_peer_comparison_is_also_timed_against_the_dense_ffn_of_o
     monkeypatch.setattr(timing.time, "perf_counter", clock)
     model = layers.moe_model(Shape(tokens=4, d_model=8, hidden=12, activation="swiglu"), 2)
 
-    def dense(*args):  # the FFN of our shape, taking 4 time units a call
-        built.append(args)
-        return lambda x: _Sum(clock.case("dense", [4] * 3, calls))
+    class Dense(torch.nn.Module):  # the FFN of our shape, taking 4 time units a call
+        def __init__(self, *args):
+            super().__init__()
+            built.append(args)
+            self.step = clock.case("dense", [4] * 3, calls)
+
+        def forward(self, x):
+            return _Sum(self.step)
 
     def peer(shape, E):  # 6 units a call; ours 2
-        return (lambda x: _Sum(clock.case("peer", [6] * 3, calls))), None, \
+        return (lambda x: _Sum(clock.case("peer", [6] * 3, calls))), torch.nn.Module(), \
             ((lambda x: _Sum(clock.case("ours", [2] * 3, calls))), model)
 
-    monkeypatch.setattr(peers, "FeedForward", dense)
+    monkeypatch.setattr(peers, "FeedForward", Dense)
     monkeypatch.setattr(peers, "PEERS", {"p": peer})
     r = peers.compare(Shape(tokens=4, d_model=8, hidden=12), E=2, repeats=1)
     assert built == [(8, 12, "swiglu", 1)]
     assert (r["peer_p_vs_ours"], r["p_vs_dense"], r["ours_for_p_vs_dense"]) == (3, 1.5, 0.5)
+
+
+class _Timed(torch.nn.Module):
+    """A layer without weights whose call runs a FakeClock case."""
+
+    def __init__(self, case):
+        super().__init__()
+        self.case = case
+
+    def forward(self, x):
+        return _Sum(self.case)
 
 
 class _Sum:

@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from samoe.bench.layers import Shape, moe_model
+from samoe.bench.layers import Shape, fwd_bwd, moe_model
 from samoe.bench.timing import interleaved_medians
 from samoe.malloc import keep_freed_memory
 from samoe.model.ffn import FeedForward
@@ -88,19 +88,6 @@ def deepspeed_moe(shape: Shape, E: int):
 PEERS = {"hf_switch": hf_switch, "hf_mixtral": hf_mixtral, "deepspeed": deepspeed_moe}
 
 
-def fwd_bwd(fn, x: torch.Tensor, *owners: torch.nn.Module | None):
-    """One forward + backward of fn(x), its gradients then dropped as an optimiser step with
-    zero_grad(set_to_none=True) leaves them: accumulating into the last call's gradients would add
-    a pass over every weight to both sides of a comparison (1.9 ms a call at E = 16)."""
-    params = [p for m in owners if m is not None for p in m.parameters()]
-
-    def step():
-        fn(x).sum().backward()
-        for p in (x, *params):
-            p.grad = None
-    return step
-
-
 def compare(shape: Shape, E: int, repeats: int) -> dict:
     """Each installed peer against ours (and both against the dense FFN of our layer's shape) at E
     experts: a builder of PEERS gives (the peer's call, the module holding its weights, (our
@@ -114,11 +101,13 @@ def compare(shape: Shape, E: int, repeats: int) -> dict:
             continue
         torch.manual_seed(0)
         x = torch.randn(1, shape.tokens, shape.d_model, requires_grad=True)
-        cases = {"peer": fwd_bwd(peer, x, peer_module), "ours": fwd_bwd(mine, x, model)}
+        # each call's gradients dropped after it, as an optimiser step leaves them: accumulating into the
+        # last call's would add a pass over every weight to both sides (1.9 ms a call at E = 16)
+        cases = {"peer": fwd_bwd(peer, x, None, peer_module), "ours": fwd_bwd(mine, x, None, model)}
         if model is not None:  # the dense FFN of our layer's shape (its width, its activation)
             m = model.cfg
             dense = FeedForward(m.d_model, m.ffn_hidden, m.activation, 1)
-            cases["dense"] = fwd_bwd(dense, x, dense if isinstance(dense, torch.nn.Module) else None)
+            cases["dense"] = fwd_bwd(dense, x, None)
         t = interleaved_medians(cases, repeats)
         out[f"peer_{name}_vs_ours"] = t["peer"] / t["ours"]
         out[f"time_peer_{name}"], out[f"time_ours_for_{name}"] = t["peer"], t["ours"]
