@@ -4,8 +4,8 @@ layer at its training step, operators by self CPU time, per layer call.
     python scripts/profile_layer.py [--preset default] [--sharing private] [--calls 20]
 
 Prints one line of JSON: the layer's self CPU time per call in ms (profiled, so above its plain
-time), its operator calls (aten::) per call, and the top operators' ms per call, each with its
-input shapes. Run it against another
+time), its operator calls (aten::) per call, and the top operators' ms per layer call, each with its
+input shapes and its calls per layer call. Run it against another
 checkout with PYTHONPATH=<that checkout>/src to see what a change moved.
 """
 
@@ -53,8 +53,8 @@ def main() -> None:
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:args.top]
     print(json.dumps({"layer_ms": round(total / args.calls / 1e3, 2),
                       "aten_calls": round(sum(e.count for e in events if e.key.startswith("aten::")) / args.calls),
-                      "top_ms": [[e.key, str(e.input_shapes), round(e.self_cpu_time_total / args.calls / 1e3, 3)]
-                                 for e in top]}))
+                      "top_ms": [[e.key, str(e.input_shapes), round(e.self_cpu_time_total / args.calls / 1e3, 3),
+                                  round(e.count / args.calls, 2)] for e in top]}))
 
 
 if __name__ == "__main__":
