@@ -167,6 +167,16 @@ def test_stock_format_the_config_does_not_fit(tmp_path, fmt, overrides, field):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
+@pytest.mark.parametrize("overrides, field", [
+    (["model.moe.router=topk", "model.moe.top_k=2", "model.moe.norm_router=true"], "model.moe.norm_router"),
+    (["model.moe.pool.depth_embedding=true"], "model.moe.pool.depth_embedding"),
+])
+def test_export_refuses_what_no_format_computes(tmp_path, overrides, field):
+    run, _ = make_run(tmp_path / "run", overrides)
+    assert_user_error(run_cli("export", run, "--out", tmp_path / "hf"), field)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
 def test_export_refuses_a_non_empty_out(tmp_path):
     run, _ = make_run(tmp_path / "run", [])
     (tmp_path / "hf").mkdir()

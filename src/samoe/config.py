@@ -33,6 +33,7 @@ SAMPLINGS = ("random", "epochs")
 POSITIONS = ("learned", "rotary")
 NORMS = ("layernorm", "rmsnorm")
 RESIDUAL_GATES = ("softmax", "sigmoid")
+BALANCES = ("layer", "pool")
 HASH_MAPS = ("balanced", "random")
 TOKENIZERS = ("bpe", "byte")
 DTYPES = ("float32", "bfloat16")
@@ -53,6 +54,9 @@ class PoolConfig:
     init_noise: float = 0.1  # std of the noise added to uniform logits by init = "noisy"
     freeze: bool = False  # keep the coefficients fixed (frozen one-hot = hard layer sharing)
     lr_scale: float = 1.0  # learning rate of the coefficient logits, as a multiple of train.lr's schedule
+    # a learned vector e_l [d] per layer added to the pooled experts' input, x + e_l (MoRE's depth
+    # embedding): layers that mix the same experts can still feed them differently; zeros at start
+    depth_embedding: bool = False
 
 
 @dataclass
@@ -78,6 +82,12 @@ class MoEConfig:
     # softmax: y = p0·moe + p1·ffn (PR-MoE); sigmoid: y = moe + σ(x·w)·ffn (Qwen2-MoE shared expert)
     residual_gate: str = "softmax"
     load_balance_weight: float = 0.01
+    # "layer": each layer balances its own experts, mean over layers of E·Σ_e f_e·P_e; "pool" (UniPool,
+    # sharing = "shared"): f and P averaged over the layers first, so the bank is balanced as a whole
+    balance: str = "layer"
+    # UniPool's NormRouter (gshard, or topk with top_k > 1): s = relu(γ · cos(x, w_e)), top-k on s, gates
+    # s / Σ_chosen s; γ a learned scale. Off: softmax router
+    norm_router: bool = False
     z_loss_weight: float = 0.001
     aux_free_bias: bool = False  # per-expert selection bias updated from load (no aux loss)
     bias_update_rate: float = 0.001
@@ -241,6 +251,19 @@ def validate(cfg: Config) -> Config:
     _choice("model.moe.router", moe.router, ROUTERS)
     _choice("model.moe.sharing", moe.sharing, SHARING)
     _choice("model.moe.hash_map", moe.hash_map, HASH_MAPS)
+    _choice("model.moe.balance", moe.balance, BALANCES)
+    if moe.enabled and moe.balance == "pool":
+        _check(moe.sharing == "shared", "model.moe.balance",
+               "'layer' unless model.moe.sharing = 'shared' (only a bank every layer routes into is one pool)",
+               moe.balance)
+    if moe.enabled and moe.norm_router:
+        _check(moe.router in ("gshard", "topk") and router_top_k(moe) > 1, "model.moe.norm_router",
+               "false unless model.moe.router is gshard or topk with top_k > 1 (one gate renormalised is 1)",
+               moe.norm_router)
+    if moe.enabled and moe.pool.depth_embedding:
+        _check(moe.sharing != "private", "model.moe.pool.depth_embedding",
+               "false when model.moe.sharing = 'private' (it tells shared experts which layer calls them)",
+               moe.pool.depth_embedding)
     _check(moe.num_experts >= 1, "model.moe.num_experts", "an integer >= 1", moe.num_experts)
     _check(moe.shared_experts >= 1, "model.moe.shared_experts", "an integer >= 1", moe.shared_experts)
     if moe.enabled:
@@ -389,10 +412,13 @@ def preset_names() -> list[str]:
 
 
 def preset_dict(name: str) -> dict:
+    """A preset's values; a preset with `base: OTHER` is OTHER's values with its own over them."""
     path = PRESET_DIR / f"{name}.yaml"
     if not path.exists():
         raise ConfigError(f"unknown preset {name!r}; expected one of: {', '.join(preset_names())}")
-    return _read_yaml(path)
+    data = _read_yaml(path)
+    base = data.pop("base", None)
+    return _merge(preset_dict(base), data) if base else data
 
 
 def parse_override(text: str) -> dict:

@@ -24,7 +24,7 @@ def component(name: str) -> str:
         return "attention"
     if ".router." in name:
         return "router"
-    if name.endswith("coef_logits"):
+    if name.endswith(("coef_logits", "depth_embedding")):  # what a layer adds to the experts it shares
         return "coefficient"
     if name.startswith(("expert_pool.", "expert_bank.")) or ".ffn.experts." in name:
         return "expert"

@@ -97,6 +97,11 @@ def export_run(run_dir: str | Path, out: str | Path, fmt: str = "samoe-hf", mate
         raise ExportError(f"--dtype {dtype!r} is invalid; expected one of {', '.join(DTYPES)}")
     check_run_dir(run_dir)
     cfg = load_config(run_dir / CONFIG_FILE)
+    for name, on in (("model.moe.norm_router", cfg.model.moe.norm_router),
+                     ("model.moe.pool.depth_embedding", cfg.model.moe.pool.depth_embedding)):
+        if on:
+            raise ExportError(f"run '{run_dir}' has {name} = true, which no export format computes yet; "
+                              "expected a run without it")
     if fmt in STOCK_FORMATS:
         check_fits(cfg.model, fmt)
     check_out_dir(out)

@@ -29,7 +29,7 @@ from samoe.moe.dispatch import LocalDispatcher
 from samoe.moe.expert_parallel import ExpertParallel, ExpertParallelDispatcher
 from samoe.moe.experts import ExpertWeights, PoolMixture, SharedBank
 from samoe.moe.layer import MoEFeedForward
-from samoe.moe.routers import HashRouter, TopKRouter, build_router
+from samoe.moe.routers import BALANCE_TERMS, HashRouter, TopKRouter, build_router, pool_balance_loss
 
 
 def rotary_tables(seq_len: int, head_dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
@@ -150,7 +150,8 @@ class GPT(nn.Module):
                     if moe.residual else None)
         # the token dispatcher is chosen here, once: local, or over the expert-parallel group
         dispatcher = LocalDispatcher() if self.ep is None else ExpertParallelDispatcher(self.ep, num_experts)
-        return MoEFeedForward(router, experts, cfg.activation, residual, dispatcher, moe.residual_gate, cfg.bias)
+        return MoEFeedForward(router, experts, cfg.activation, residual, dispatcher, moe.residual_gate, cfg.bias,
+                              depth_embedding_dim=cfg.d_model if moe.pool.depth_embedding else 0)
 
     def moe_layers(self) -> list[MoEFeedForward]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoEFeedForward)]
@@ -174,7 +175,10 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+        terms = [a.pop(BALANCE_TERMS) for a in auxes if BALANCE_TERMS in a]
         aux = {name: torch.stack([a[name] for a in auxes]).mean() for name in (auxes[0] if auxes else {})}
+        if terms:  # balance = "pool": the bank balanced over every layer at once
+            aux["load_balance"] = pool_balance_loss(terms)
         moe = self.cfg.moe
         aux_loss = logits.new_zeros((), dtype=torch.float32)
         if aux:
@@ -188,6 +192,14 @@ class GPT(nn.Module):
             return {}
         return {k: float(torch.stack([s[k] for s in stats if k in s]).mean())
                 for k in stats[0]}
+
+    @torch.no_grad()
+    def pool_coefficients(self) -> list | None:
+        """Every MoE layer's SaMoE coefficients c_l ([K], or [E, K] per expert) as nested lists, or
+        None unless sharing = "pool": what summary.json keeps of how the layers use the pool."""
+        if self.expert_pool is None:
+            return None
+        return [layer.experts.coefficients().tolist() for layer in self.moe_layers()]
 
     @torch.no_grad()
     def update_router_biases(self) -> None:

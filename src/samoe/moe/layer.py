@@ -29,10 +29,15 @@ class MoEFeedForward(nn.Module):
         y = moe(x) + σ(x · w_c + b_c) · ffn(x)                                  residual_gate "sigmoid"
 
     ("sigmoid" is Qwen2-MoE's gated shared expert; no b_c when bias = False.)
+
+    With `depth_embedding_dim` = d the routed experts read x + e_l, e_l [d] this layer's learned vector
+    (zeros at start), while the router and the dense branch read x (MoRE's depth embedding: the
+    layers sharing a pool tell its experts which of them is calling).
     """
 
     def __init__(self, router: nn.Module, experts: nn.Module, activation: str, residual: FeedForward | None = None,
-                 dispatcher: Dispatcher | None = None, residual_gate: str = "softmax", bias: bool = True):
+                 dispatcher: Dispatcher | None = None, residual_gate: str = "softmax", bias: bool = True,
+                 depth_embedding_dim: int = 0):
         super().__init__()
         self.router = router
         self.experts = experts
@@ -43,6 +48,7 @@ class MoEFeedForward(nn.Module):
         self.residual_coef = nn.Linear(residual.fc1.in_features, outputs, bias=bias) if residual is not None else None
         self.last_routing: Routing | None = None
         self.dispatcher = dispatcher or LocalDispatcher()
+        self.depth_embedding = nn.Parameter(torch.zeros(depth_embedding_dim)) if depth_embedding_dim else None
 
     @property
     def a2a_bytes(self) -> int:
@@ -59,7 +65,8 @@ class MoEFeedForward(nn.Module):
         B, S, d = x.shape
         flat = x.reshape(B * S, d)
         routing: Routing = self.router(flat, token_ids.reshape(-1))
-        y = self.dispatcher(flat, routing, self.experts.source(), self.activation).view(B, S, d)
+        expert_in = flat if self.depth_embedding is None else flat + self.depth_embedding
+        y = self.dispatcher(expert_in, routing, self.experts.source(), self.activation).view(B, S, d)
         # Kept detached (its graph is not held past the step) and summarised only when asked:
         # the trainer reads the statistics every log_every steps, and computing them every step
         # cost 0.2-0.5 ms a layer at the default preset's shape (under 1% of its step).

@@ -27,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samoe.config import MoEConfig, router_top_k
@@ -86,10 +87,29 @@ def drops_nothing(cfg: MoEConfig, training: bool) -> bool:
     return cfg.dropless or (not training and cfg.eval_dropless)
 
 
+def expert_fractions(expert: Tensor, num_experts: int) -> Tensor:
+    """f [E]: the fraction of all chosen slots (before capacity) that chose each expert."""
+    return torch.bincount(expert.reshape(-1), minlength=num_experts).float() / expert.numel()
+
+
 def load_balance_loss(probs: Tensor, expert: Tensor, num_experts: int) -> Tensor:
     """E · Σ_e f_e · P_e; f_e over all chosen slots (before capacity). Equals 1 when uniform."""
-    f = torch.bincount(expert.reshape(-1), minlength=num_experts).float() / expert.numel()
-    return num_experts * (f * probs.mean(0)).sum()
+    return num_experts * (expert_fractions(expert, num_experts) * probs.mean(0)).sum()
+
+
+BALANCE_TERMS = "balance_terms"  # aux key of a layer's [2, E] stack (f, P) under balance = "pool"
+NORM_ROUTER_SCALE = 10.0  # γ at initialisation: cosines in [-1, 1] become logits in [-10, 10]
+
+
+def pool_balance_loss(terms: list[Tensor]) -> Tensor:
+    """UniPool's pool-level balance over L layers routing into one bank of M experts:
+
+        M · Σ_e f̄_e · P̄_e,   f̄_e = (1/L) Σ_l f_le,   P̄_e = (1/L) Σ_l P_le
+
+    from each layer's [2, M] stack (f_l, P_l). Layers may specialise on different experts as
+    long as the bank as a whole is used evenly; 1 when it is uniform."""
+    f, p = torch.stack(terms).mean(0)
+    return f.numel() * (f * p).sum()
 
 
 def z_loss(logits: Tensor) -> Tensor:
@@ -133,6 +153,15 @@ class TopKRouter(LinearRouter):
     when k > 1 (GShard, Mixtral). gshard's random routing keeps the second expert with
     probability min(1, 2·g2) in training. With `aux_free_bias` a per-expert bias, used only
     for selection, is nudged toward balance after each optimiser step (`update_bias`).
+
+    With `norm_router` (UniPool's NormRouter) the logits are a learned scale γ times the cosine
+    of x and each expert's router row, and the gates are their ReLU renormalised over the k chosen:
+
+        l_e = γ · (x / ‖x‖) · (w_e / ‖w_e‖),   s_e = relu(l_e),   gate_j = s_j / (Σ_chosen s + ε)
+
+    so a token's routing weight does not grow with the scale of its hidden state, which differs
+    from layer to layer when every layer routes into one bank. p = softmax(l) feeds the balance
+    loss and the statistics; no z-loss (|l| <= γ by construction, reported as 0).
     """
 
     def __init__(self, d_model: int, num_experts: int, cfg: MoEConfig):
@@ -140,15 +169,29 @@ class TopKRouter(LinearRouter):
         self.k = router_top_k(cfg)
         self.register_buffer("selection_bias", torch.zeros(num_experts))
         self.register_buffer("recent_load", torch.zeros(num_experts), persistent=False)
+        if cfg.norm_router:
+            self.scale = nn.Parameter(torch.tensor(NORM_ROUTER_SCALE))
+
+    def logits(self, x: Tensor) -> Tensor:
+        if not self.cfg.norm_router:
+            return super().logits(x)
+        x = x.float()
+        with torch.autocast(x.device.type, enabled=False):
+            w = self.weight.float()
+            return self.scale * (F.normalize(x, dim=-1) @ F.normalize(w, dim=-1).t())
 
     def forward(self, x: Tensor, token_ids: Tensor | None = None) -> Routing:
         logits = self.logits(x)
         probs = logits.softmax(dim=-1)
         scores = probs + self.selection_bias if self.cfg.aux_free_bias else probs
         expert = scores.topk(self.k, dim=-1).indices  # [T, k]
-        gate = probs.gather(1, expert)
-        if self.k > 1:
-            gate = gate / gate.sum(dim=-1, keepdim=True)
+        if self.cfg.norm_router:
+            gate = logits.gather(1, expert).relu()
+            gate = gate / (gate.sum(dim=-1, keepdim=True) + 1e-9)
+        else:
+            gate = probs.gather(1, expert)
+            if self.k > 1:
+                gate = gate / gate.sum(dim=-1, keepdim=True)
         keep = torch.ones_like(expert, dtype=torch.bool)
         if self.cfg.random_routing and self.training and self.k == 2:
             keep[:, 1] = torch.rand(gate.shape[0], device=gate.device) < 2 * gate[:, 1]
@@ -158,8 +201,10 @@ class TopKRouter(LinearRouter):
         if not drops_nothing(self.cfg, self.training):
             keep = within_capacity(expert, keep, self.num_experts, self.capacity(x.shape[0], self.k))
         top = probs.argmax(dim=-1, keepdim=True) if self.cfg.aux_free_bias else expert[:, :1]
-        aux = {"load_balance": load_balance_loss(probs, expert, self.num_experts),
-               "z_loss": z_loss_from_softmax(logits, probs, top)}
+        z = logits.new_zeros(()) if self.cfg.norm_router else z_loss_from_softmax(logits, probs, top)
+        aux = {"load_balance": load_balance_loss(probs, expert, self.num_experts), "z_loss": z}
+        if self.cfg.balance == "pool":  # the model balances the bank over every layer (pool_balance_loss)
+            aux[BALANCE_TERMS] = torch.stack([expert_fractions(expert, self.num_experts), probs.mean(0)])
         return Routing(expert, gate * keep, keep, probs, aux)
 
     @torch.no_grad()

@@ -396,6 +396,9 @@ def summarise(run: Run, val: dict, start: int, wall_s: float) -> dict:
         "processes": tr.layout.world,
         "ep": t.ep,
     }
+    coefficients = tr.model.pool_coefficients()
+    if coefficients is not None:
+        summary["pool_coefficients"] = coefficients
     if tr.layout.is_main:
         try:
             write_text_atomic(run.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n")
