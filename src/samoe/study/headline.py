@@ -1,18 +1,18 @@
 """The study's headline sentences: how much of the standard MoE's gain over dense each arm keeps,
-and at how many total parameters.
+with its 95% interval, and at how many total parameters.
 
-Within each group of arms (the study's arms, or one corpus's) that holds an arm named `dense`
-(the FLOPs-matched dense model) and one named `moe` (the standard MoE), every other arm A gets
+Arms are compared within a group: the arms of one corpus whose names share a prefix P such that
+`Pdense` (the FLOPs-matched dense model) and `Pmoe` (the standard MoE) both exist. P is empty in
+a study with arms `dense` and `moe`, and `L12-` for the depth study's `L12-dense`, `L12-moe`,
+`L12-samoe-k2`, ...; an arm belongs to the longest such prefix it starts with. Every other arm A
+of the group gets
 
     keeps = (L_dense - L_A) / (L_dense - L_moe)          share of the MoE's gain, per step
     fewer = P_moe / P_A                                  the MoE's total parameters over A's
 
-with L the mean final val loss over seeds (on the whole validation split where every run of the
-three arms has been scored on it, else training's last evaluation: runs_table.final_losses) and P
-the total parameters. The gains come with their
-standard errors, sqrt(sd_dense² / n_dense + sd_A² / n_A), so the reader sees whether a share of
-80% is 0.05 ± 0.01 nats or 0.005 ± 0.02. The share is undefined (nan) when the MoE does not beat
-dense.
+with L the final val losses over seeds (on the whole validation split where every run of the
+three arms has been scored on it, else training's last evaluation: runs_table.final_losses), the
+share's 95% interval by the delta method (samoe.study.share), and P the total parameters.
 """
 
 from __future__ import annotations
@@ -20,31 +20,46 @@ from __future__ import annotations
 import math
 
 from samoe.study.runs_table import Arm, by_corpus, final_losses, mean_std
+from samoe.study.share import format_interval, share_of_gain
 
 
-def _gain(dense: list[float], arm: list[float]) -> tuple[float, float]:
-    """(L_dense - L_arm, its standard error) from the seeds' means and sample stds."""
-    (d, d_sd), (a, a_sd) = mean_std(dense), mean_std(arm)
-    return d - a, math.sqrt(d_sd ** 2 / len(dense) + a_sd ** 2 / len(arm))
+def comparison_groups(arms: list[Arm]) -> list[tuple[str | None, str, dict[str, Arm]]]:
+    """(corpus, prefix, {method: arm}) for every prefix with a `dense` and a `moe` arm; the
+    methods are the other arms' names without the prefix (dense and moe included)."""
+    out = []
+    for corpus, named in by_corpus(arms).items():
+        prefixes = sorted((n[: -len("dense")] for n in named if n.endswith("dense") and n[: -len("dense")] + "moe"
+                           in named), key=len, reverse=True)
+        members: dict[str, dict[str, Arm]] = {p: {} for p in prefixes}
+        for name, arm in named.items():
+            p = next((p for p in prefixes if name.startswith(p)), None)
+            if p is not None:
+                members[p][name[len(p):]] = arm
+        out += [(corpus, p, members[p]) for p in sorted(prefixes)]
+    return out
+
+
+def _se(dense: list[float], arm: list[float]) -> float:
+    """The standard error of L̄_dense - L̄_arm: sqrt(s_d² / n_d + s_a² / n_a)."""
+    (_, d_sd), (_, a_sd) = mean_std(dense), mean_std(arm)
+    return math.sqrt(d_sd ** 2 / len(dense) + a_sd ** 2 / len(arm))
 
 
 def headline_rows(arms: list[Arm]) -> list[dict]:
-    """One row per arm other than `dense` and `moe`, in each group that has both."""
+    """One row per arm other than dense and moe, in each comparison group."""
     rows = []
-    for named in by_corpus(arms).values():
-        if "dense" not in named or "moe" not in named:
-            continue
-        for name, a in named.items():
-            if name in ("dense", "moe"):
+    for _, prefix, group in comparison_groups(arms):
+        for method, a in group.items():
+            if method in ("dense", "moe"):
                 continue
-            (dense, moe, arm), source = final_losses(named["dense"], named["moe"], a)
-            moe_gain, moe_se = _gain(dense, moe)
-            gain, se = _gain(dense, arm)
-            rows.append({"arm": a.name, "seeds": len(a.runs), "loss_source": source,
-                         "gain_over_dense": gain, "gain_over_dense_se": se,
-                         "moe_gain_over_dense": moe_gain, "moe_gain_over_dense_se": moe_se,
-                         "keeps_moe_gain": gain / moe_gain if moe_gain > 0 else math.nan,
-                         "moe_params_ratio": named["moe"].params["total"] / a.params["total"]})
+            (dense, moe, arm), source = final_losses(group["dense"], group["moe"], a)
+            share = share_of_gain(dense, moe, arm)
+            rows.append({"arm": a.name, "group": prefix.rstrip("-") or None, "method": method, "seeds": len(a.runs),
+                         "loss_source": source, "keeps_moe_gain": share["keeps"],
+                         "keeps_low": share["low"], "keeps_high": share["high"], "keeps_df": share["df"],
+                         "gain_over_dense": share["gain"], "gain_over_dense_se": _se(dense, arm),
+                         "moe_gain_over_dense": share["moe_gain"], "moe_gain_over_dense_se": _se(dense, moe),
+                         "moe_params_ratio": group["moe"].params["total"] / a.params["total"]})
     return rows
 
 
@@ -57,10 +72,11 @@ def format_headline(rows: list[dict]) -> str:
         gains = (f"(gain over dense {r['gain_over_dense']:.4f} ± {r['gain_over_dense_se']:.4f} nats, the MoE's "
                  f"{r['moe_gain_over_dense']:.4f} ± {r['moe_gain_over_dense_se']:.4f}; ± one standard error; "
                  f"{r['seeds']} seed(s); {r['loss_source']})")
+        interval = format_interval({"low": r["keeps_low"], "high": r["keeps_high"]})
         if math.isnan(r["keeps_moe_gain"]):
             lines.append(f"- **{r['arm']}**: the standard MoE does not beat dense here, so no share of its gain; "
                          f"{params} {gains}.")
         else:
             lines.append(f"- **{r['arm']}** keeps {100 * r['keeps_moe_gain']:.0f}% of the standard MoE's val-loss "
-                         f"gain over dense with {params} {gains}.")
+                         f"gain over dense with {params}; {interval} {gains}.")
     return "\n".join(lines)

@@ -49,6 +49,7 @@ from samoe.fileio import write_text_atomic
 from samoe.plots import pyplot, save_png
 from samoe.runs import METRICS_FILE, SUMMARY_FILE, read_json, read_metrics
 from samoe.study.against_dense import against_dense_rows, format_against_dense, format_gap_by_tokens, gap_by_tokens
+from samoe.study.depth import format_per_second, format_pool_use, per_second_rows, plot_frontier, pool_use_rows
 from samoe.study.diversity import format_poolsize, plot_gap_diversity, poolsize_rows
 from samoe.study.grid import SPEED_FILE
 from samoe.study.headline import format_headline, headline_rows
@@ -299,11 +300,26 @@ def _finished_sections(root: Path, arms: list[Arm], names: list[str], limit: int
     headline = headline_rows(arms)
     if headline:
         text += ["", "## Against dense and the standard MoE", "",
-                 "Per step (equal tokens), final val loss: each arm's share of the gain of `moe` over `dense`, "
+                 "Per step (equal tokens), final val loss: each arm's share of the gain of its group's `moe` over "
+                 "its `dense` (a group: the arms named with one prefix, such as `L12-`), its 95% interval by the "
+                 "delta method (three independent means, Student's t at Welch-Satterthwaite degrees of freedom), "
                  "and its total parameters against `moe`'s.", "", format_headline(headline)]
         by_arm = {r["arm"]: r for r in rows}
         for h in headline:
             by_arm[h["arm"]].update({k: v for k, v in h.items() if k not in ("arm", "seeds")})
+        per_second = per_second_rows(arms, loss_at_seconds)
+        text += ["", "Per second: each arm's share of the MoE's gain at the training time when the first run of its "
+                 "group finished (val loss linear between evaluations; delta-method interval as above).", "",
+                 format_per_second(per_second)]
+        for r in per_second:
+            by_arm[r["arm"]]["per_second"] = {k: v for k, v in r.items() if k != "arm"}
+        frontier = plot_frontier(headline, root)
+        images += [frontier] if frontier else []
+    pool_use = pool_use_rows(arms)
+    if pool_use:
+        text += ["", "## How SaMoE's layers use the pool", "",
+                 "The coefficients at the end of training (summary.json), mean over seeds: each layer's entropy "
+                 "and each pool layer's share of the model's layers.", "", format_pool_use(pool_use)]
     if zeroshot:
         items = f"the first {limit:,} items of each task" if limit is not None else "every item of each task"
         text += ["", "## Zero-shot scores of the best arms", "",

@@ -1,0 +1,134 @@
+"""What the depth study adds to the report: the share of the MoE's gain per second beside the
+one per step, the frontier of share kept against parameters saved, and how SaMoE's layers use
+their pool.
+
+Per second: within each comparison group (samoe.study.headline), every run's val loss at t*, the
+training time at which the group's first run finished (linear between evaluations,
+report.loss_at_seconds), then share_of_gain on those losses as on the final ones.
+
+The frontier (frontier.png): each arm at x = P_moe / P_arm (the factor of total parameters saved)
+and y = its share of the MoE's gain, with its 95% interval as an error bar; SaMoE's pool sizes at
+one depth joined by a line, SaMoE K = 2 at every depth joined by another, the rest as points.
+Dense sits at share 0 and the MoE at (1, 1).
+
+Pool use, from the coefficients each SaMoE run's summary.json keeps (c_l [K] or [E, K]):
+
+    H_l = -Σ_k c_lk ln c_lk    (mean over experts for [E, K]; 0: one pool layer, ln K: uniform)
+    load_k = (1 / L) Σ_l c_lk  (mean over experts too): how much of the model pool layer k serves
+
+each the mean over the arm's seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Callable
+
+from samoe.plots import pyplot, save_png
+from samoe.study.headline import comparison_groups
+from samoe.study.runs_table import Arm, Run
+from samoe.study.share import format_interval, share_of_gain
+
+
+def per_second_rows(arms: list[Arm], loss_at: Callable[[Run, float], float]) -> list[dict]:
+    """Each arm's share of the MoE's gain at its group's t*, with the interval."""
+    rows = []
+    for _, _, group in comparison_groups(arms):
+        t = min(r.curve[-1][2] for a in group.values() for r in a.runs if r.curve)
+        losses = {m: [loss_at(r, t) for r in a.runs] for m, a in group.items()}
+        for method, a in group.items():
+            if method in ("dense", "moe"):
+                continue
+            share = share_of_gain(losses["dense"], losses["moe"], losses[method])
+            rows.append({"arm": a.name, "seconds": t, "keeps": share["keeps"], "low": share["low"],
+                         "high": share["high"], "gain": share["gain"], "moe_gain": share["moe_gain"]})
+    return rows
+
+
+def format_per_second(rows: list[dict]) -> str:
+    lines = ["| arm | at training second | gain over dense | the MoE's gain | share kept | interval |",
+             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        share = "n/a" if math.isnan(r["keeps"]) else f"{100 * r['keeps']:.0f}%"
+        lines.append(f"| {r['arm']} | {r['seconds']:,.0f} | {r['gain']:+.4f} | {r['moe_gain']:+.4f} | {share} "
+                     f"| {format_interval(r)} |")
+    return "\n".join(lines)
+
+
+def pool_use_rows(arms: list[Arm]) -> list[dict]:
+    """Per SaMoE arm (runs whose summary keeps pool_coefficients): H_l per layer and load_k."""
+    rows = []
+    for a in arms:
+        coefs = [r.summary["pool_coefficients"] for r in a.runs if "pool_coefficients" in r.summary]
+        if not coefs:
+            continue
+        entropies, loads = [], []
+        for layers in coefs:
+            per_layer = [c if isinstance(c[0], list) else [c] for c in layers]  # [E][K] for every layer
+            entropies.append([statistics.mean(-sum(p * math.log(p) for p in row if p > 0) for row in c)
+                              for c in per_layer])
+            K = len(per_layer[0][0])
+            loads.append([statistics.mean(row[k] for c in per_layer for row in c) for k in range(K)])
+        rows.append({"arm": a.name, "seeds": len(coefs), "pool_size": len(loads[0]),
+                     "entropy": [statistics.mean(v) for v in zip(*entropies)],
+                     "pool_load": [statistics.mean(v) for v in zip(*loads)]})
+    return rows
+
+
+def format_pool_use(rows: list[dict]) -> str:
+    lines = ["| arm | seeds | K | coefficient entropy of each layer (nats; ln K uniform) | load of each pool layer |",
+             "| --- | ---: | ---: | --- | --- |"]
+    for r in rows:
+        entropy, load = (" ".join(f"{v:.2f}" for v in r[key]) for key in ("entropy", "pool_load"))
+        lines.append(f"| {r['arm']} | {r['seeds']} | {r['pool_size']} (ln K = {math.log(r['pool_size']):.2f}) "
+                     f"| {entropy} | {load} |")
+    return "\n".join(lines)
+
+
+def plot_frontier(rows: list[dict], out_dir: Path) -> Path | None:
+    """frontier.png from headline rows (share kept with its interval, parameters saved)."""
+    rows = [r for r in rows if not math.isnan(r["keeps_moe_gain"])]
+    if not rows:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
+    ax.axhline(0.0, color="0.5", lw=0.8, ls=":")
+    ax.annotate("standard MoE", (1.0, 1.0), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.annotate("FLOPs-matched dense", (1.0, 0.0), fontsize=7, xytext=(3, 3), textcoords="offset points")
+
+    def point(r, **kw):
+        err = None if math.isnan(r["keeps_low"]) else [[r["keeps_moe_gain"] - r["keeps_low"]],
+                                                       [r["keeps_high"] - r["keeps_moe_gain"]]]
+        ax.errorbar([r["moe_params_ratio"]], [r["keeps_moe_gain"]], yerr=err, capsize=3, **kw)
+
+    samoe = [r for r in rows if r["method"].startswith("samoe-k")]
+    for group in sorted({r["group"] for r in samoe}, key=str):
+        line = sorted((r for r in samoe if r["group"] == group), key=lambda r: r["moe_params_ratio"])
+        if len(line) > 1:
+            ax.plot([r["moe_params_ratio"] for r in line], [r["keeps_moe_gain"] for r in line], "-", color="C0",
+                    alpha=0.5)
+    k2 = sorted((r for r in samoe if r["method"] == "samoe-k2"), key=lambda r: r["moe_params_ratio"])
+    if len(k2) > 1:
+        ax.plot([r["moe_params_ratio"] for r in k2], [r["keeps_moe_gain"] for r in k2], "--", color="C3",
+                label="SaMoE K = 2 by depth")
+    for r in rows:
+        is_samoe = r["method"].startswith("samoe-k")
+        point(r, fmt="s" if r["method"] == "samoe-k2" else "o", color="C3" if r["method"] == "samoe-k2" else
+              "C0" if is_samoe else None)
+        ax.annotate(r["arm"], (r["moe_params_ratio"], r["keeps_moe_gain"]), fontsize=7, xytext=(4, -9),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("total parameters saved: the standard MoE's / the arm's (log)")
+    ax.set_ylabel("share of the MoE's val-loss gain over dense kept (95% interval)")
+    ax.grid(alpha=0.3)
+    if len(k2) > 1:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "frontier.png"
+    fig.dpi = 110
+    save_png(fig, path)
+    plt.close(fig)
+    return path

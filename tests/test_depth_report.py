@@ -1,0 +1,87 @@
+"""The share of the MoE's gain with its interval (samoe.study.share), groups named by a prefix,
+and the depth study's report sections (samoe.study.depth)."""
+
+import json
+import math
+
+import pytest
+
+from helpers import make_study_run
+from samoe.study import report
+from samoe.study.share import format_interval, share_of_gain
+
+
+def test_share_of_gain_interval_equals_a_case_computed_by_hand():
+    # dense 3.0 3.1 3.2 (mean 3.1, s² 0.01), MoE 2.8 2.9 3.0 (2.9, 0.01), arm 2.95 3.05 (3.0, 0.005)
+    # A = 0.1, B = 0.2, R = 0.5
+    # w = ((1 - R)² s_d²/n_d, s_a²/n_a, R² s_m²/n_m) = (0.25 · 0.01/3, 0.005/2, 0.25 · 0.01/3)
+    #   = (0.000833.., 0.0025, 0.000833..), Σw = 0.0041666..
+    # se = sqrt(Σw) / B = 0.0645497 / 0.2 = 0.3227486
+    # df = (Σw)² / (w1²/2 + w2²/1 + w3²/2) = 1.7361e-5 / 6.9444e-6 = 2.5
+    s = share_of_gain([3.0, 3.1, 3.2], [2.8, 2.9, 3.0], [2.95, 3.05])
+    assert s["keeps"] == pytest.approx(0.5)
+    assert s["se"] == pytest.approx(0.3227486, abs=1e-6)
+    assert s["df"] == pytest.approx(2.5, abs=1e-9)
+    assert s["low"] < 0 < 1 < s["high"]
+    # the same with an arm whose seeds agree: w = (0.000833.., 0, 0.000833..), Σw = 0.0016666..
+    # se = 0.0408248 / 0.2 = 0.2041241, df = (Σw)² / (2 · w1² / 2) = 4, t(0.975, 4) = 2.776445 (tables: 2.776)
+    # half-width 0.566739: the interval -0.066739 to 1.066739
+    s = share_of_gain([3.0, 3.1, 3.2], [2.8, 2.9, 3.0], [3.0, 3.0, 3.0])
+    assert s["keeps"] == pytest.approx(0.5)
+    assert s["se"] == pytest.approx(0.2041241, abs=1e-6) and s["df"] == pytest.approx(4.0)
+    assert s["low"] == pytest.approx(-0.066739, abs=1e-5) and s["high"] == pytest.approx(1.066739, abs=1e-5)
+    assert "holds zero" in format_interval(s)
+
+
+def test_share_of_gain_without_spread_or_without_an_moe_gain():
+    one_seed = share_of_gain([3.0, 3.1], [2.8, 2.9], [2.9])
+    assert one_seed["keeps"] == pytest.approx((3.05 - 2.9) / 0.2) and math.isnan(one_seed["low"])
+    assert "one seed" in format_interval(one_seed)
+    no_gain = share_of_gain([3.0, 3.1], [3.1, 3.2], [2.9, 3.0])
+    assert math.isnan(no_gain["keeps"])
+    tight = share_of_gain([3.0, 3.0001], [2.8, 2.8001], [2.85, 2.8501])
+    assert tight["low"] == pytest.approx(0.75, abs=5e-3) and "holds zero" not in format_interval(tight)
+
+
+def _depth_study(root):
+    """Two depth groups (L1-, L2-), each with dense, moe and samoe-k*; pool coefficients faked."""
+    spec = {"L1-dense": (["model.moe.enabled=false"], [3.2, 3.3]),
+            "L1-moe": (["model.moe.sharing=private"], [3.0, 3.1]),
+            "L1-samoe-k2": ([], [3.1, 3.15]),
+            "L2-dense": (["model.moe.enabled=false", "model.n_layers=4"], [3.0, 3.1, 3.05]),
+            "L2-moe": (["model.moe.sharing=private", "model.n_layers=4"], [2.7, 2.8, 2.75]),
+            "L2-samoe-k2": (["model.n_layers=4"], [2.8, 2.85, 2.9]),
+            "L2-samoe-k1": (["model.n_layers=4", "model.moe.pool.size=1"], [2.95, 3.0])}
+    for arm, (overrides, losses) in spec.items():
+        for seed, loss in enumerate(losses, 1):
+            run = make_study_run(root / arm / f"seed{seed}", loss, overrides, seed=seed)
+            if "samoe" in arm:
+                summary = json.loads((run / "summary.json").read_text())
+                n_layers = 4 if arm.startswith("L2") else 2
+                K = 1 if arm.endswith("k1") else 2
+                summary["pool_coefficients"] = [[1.0] if K == 1 else [0.5, 0.5] if l == 0 else [0.9, 0.1]
+                                                for l in range(n_layers)]
+                (run / "summary.json").write_text(json.dumps(summary))
+    return root
+
+
+def test_depth_groups_compare_each_arm_with_its_own_depths_dense_and_moe(tmp_path):
+    path, rows = report.write_report(_depth_study(tmp_path / "depth"))
+    by_arm = {r["arm"]: r for r in rows}
+    k2 = by_arm["L2-samoe-k2"]
+    assert k2["group"] == "L2" and k2["method"] == "samoe-k2"
+    want = share_of_gain([3.0, 3.1, 3.05], [2.7, 2.8, 2.75], [2.8, 2.85, 2.9])
+    assert k2["keeps_moe_gain"] == pytest.approx(want["keeps"]) == pytest.approx((3.05 - 2.85) / 0.3)
+    assert k2["keeps_low"] == pytest.approx(want["low"]) and k2["keeps_high"] == pytest.approx(want["high"])
+    assert by_arm["L1-samoe-k2"]["keeps_moe_gain"] == pytest.approx((3.25 - 3.125) / 0.2)  # L1's dense and MoE
+    assert k2["moe_params_ratio"] == pytest.approx(by_arm["L2-moe"]["total_params"] / k2["total_params"])
+    text = path.read_text()
+    assert "**L2-samoe-k2** keeps 67% of the standard MoE's val-loss gain over dense" in text
+    assert (tmp_path / "depth" / "frontier.png").is_file() and "![frontier](frontier.png)" in text
+    # per second: the fake runs log 1,000 tokens/s and evaluate every 2 steps, so every run ends at the
+    # same second, and there the shares equal the per-step ones
+    assert k2["per_second"]["keeps"] == pytest.approx(k2["keeps_moe_gain"])
+    # pool use: layer 0 uniform over K = 2 (ln 2), the others 0.9 / 0.1; load the mean over layers
+    h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
+    assert f"| L2-samoe-k2 | 3 | 2 (ln K = 0.69) | 0.69 {h:.2f} {h:.2f} {h:.2f} | {(0.5 + 3 * 0.9) / 4:.2f} " \
+           f"{(0.5 + 3 * 0.1) / 4:.2f} |" in text
