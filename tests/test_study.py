@@ -585,3 +585,16 @@ def test_a_study_with_no_finished_run_yet_reports_its_progress(tmp_path):
     text = (tmp_path / "out" / "report.md").read_text()
     assert "No run has finished yet" in text and "| 100 | 3.2000 |" in text
     assert json.loads((tmp_path / "out" / "report.json").read_text()) == []
+
+
+@pytest.mark.slow
+def test_run_with_loggers_gives_one_tensorboard_run_per_arm_and_seed(tmp_path):
+    study = _study(tmp_path)
+    out = tmp_path / "out"
+    code, _, err = _run("study", "run", study, "--out", out, "--loggers", "tensorboard")
+    assert code == 0, err
+    runs = sorted(str(p.parent.relative_to(out)) for p in out.rglob("events.out.tfevents.*"))
+    assert runs == ["small/dense/seed1/tb", "small/dense/seed2/tb", "small/moe/seed5/tb"]
+    cfg = (out / "small" / "moe" / "seed5" / "config.yaml").read_text()
+    assert "- tensorboard" in cfg and "wandb_group: study" in cfg
+    assert_user_error(_run("study", "run", study, "--out", out, "--loggers", "tensorboard,mlflow"), "mlflow")

@@ -38,6 +38,7 @@ HASH_MAPS = ("balanced", "random")
 TOKENIZERS = ("bpe", "byte")
 DTYPES = ("float32", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+LOGGERS = ("jsonl", "tensorboard", "wandb")
 CORPORA = ("stdlib", "stdlib-docs")  # samoe.data.corpus.BUILTIN_CORPORA
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -140,6 +141,11 @@ class TrainConfig:
     # eval_tokens: on a mixture, its first documents only) or "spread" (evenly spaced over the whole split)
     eval_windows: str = "first"
     ckpt_every: int = 200
+    # where the logged rows go besides metrics.jsonl (always written): tensorboard (RUN_DIR/tb),
+    # wandb (WANDB_MODE=offline works without a network); both need `pip install -e ".[track]"`
+    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    wandb_project: str = "samoe"
+    wandb_group: str | None = None  # `samoe study run --loggers` sets it to the study's name
 
 
 @dataclass
@@ -310,6 +316,8 @@ def validate(cfg: Config) -> Config:
     _check(t.warmup_steps >= 0, "train.warmup_steps", "an integer >= 0", t.warmup_steps)
     _check(t.weight_decay >= 0, "train.weight_decay", "a number >= 0", t.weight_decay)
     _check(t.grad_clip >= 0, "train.grad_clip", "a number >= 0 (0 turns clipping off)", t.grad_clip)
+    for i, name in enumerate(t.loggers):
+        _choice(f"train.loggers[{i}]", name, LOGGERS)
     _choice("train.dtype", t.dtype, DTYPES)
     _choice("train.device", t.device, DEVICES)
     _choice("data.tokenizer", d.tokenizer, TOKENIZERS)

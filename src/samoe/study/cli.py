@@ -11,10 +11,12 @@ import sys
 import time
 from pathlib import Path
 
+from samoe.config import LOGGERS, load_config
 from samoe.errors import UserError
 from samoe.fileio import write_text_atomic
 from samoe.study import grid as study
 from samoe.study import report, whole_split
+from samoe.train.tracking import check_installed
 from samoe.verbs import Verb, check_at_least_one
 
 
@@ -34,6 +36,8 @@ def run_args(p: argparse.ArgumentParser) -> None:
                    "started are not stopped")
     p.add_argument("--progress-every", metavar="DURATION", default="5m",
                    help="how often to print a line on the runs in flight (default 5m)")
+    p.add_argument("--loggers", metavar="NAMES", help="tensorboard and/or wandb (comma-separated): every run also "
+                   "logs there, W&B grouped by the study's name; `tensorboard --logdir OUT` shows every arm and seed")
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -46,6 +50,11 @@ def cmd_run(args: argparse.Namespace) -> int:
                             f"{', '.join(dict.fromkeys(c.arm for c in cells))}")
         cells = [c for c in cells if c.arm in names]
     check_at_least_one(args, "jobs", "threads")
+    if args.loggers:
+        extra = logger_overrides(args.loggers, Path(args.study).stem)
+        check_installed(load_config(overrides=extra).train.loggers)
+        for c in cells:
+            c.extra = extra
     deadline = time.time() + study.parse_duration(args.time_limit) if args.time_limit is not None else None
     progress_every = study.parse_duration(args.progress_every, "--progress-every")
     if args.dry_run:
@@ -55,6 +64,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     failed = study.run_cells(cells, Path(args.out), args.jobs, args.threads, log=_log, deadline=deadline,
                              progress_every=progress_every)
     return 1 if failed else 0
+
+
+def logger_overrides(names: str, group: str) -> list[str]:
+    """`--loggers tensorboard,wandb` as the overrides every run of the study gets."""
+    loggers = ["jsonl", *dict.fromkeys(n.strip() for n in names.split(",") if n.strip() and n.strip() != "jsonl")]
+    unknown = [n for n in loggers if n not in LOGGERS]
+    if unknown:
+        raise UserError(f"--loggers {unknown[0]!r} is not a logger; expected some of: {', '.join(LOGGERS[1:])}")
+    return [f"train.loggers=[{','.join(loggers)}]", f"train.wandb_group={group}"]
 
 
 def _print_dry_run(cells: list, jobs: int, threads: int) -> None:

@@ -59,6 +59,7 @@ class Cell:
     run_dir: Path
     cfg: Config = field(repr=False)
     arm_seeds: list[int] = field(default_factory=list)  # every seed of this arm, in study order
+    extra: list[str] = field(default_factory=list)  # overrides of this invocation only (study run --loggers)
 
     @property
     def name(self) -> str:
@@ -201,8 +202,10 @@ def train_command(cell: Cell) -> list[str]:
         cell.run_dir.rename(cell.run_dir.with_name(f"{cell.run_dir.name}.incomplete-{n}"))
     base = [sys.executable, "-m", "samoe", "train", "--quiet"]
     if cell.state() == "partial":
-        return base + ["--resume", "--out", str(cell.run_dir), f"train.max_steps={cell.cfg.train.max_steps}"]
-    return base + ["--preset", cell.preset, *cell.overrides, "--seed", str(cell.seed), "--out", str(cell.run_dir)]
+        return base + ["--resume", "--out", str(cell.run_dir), f"train.max_steps={cell.cfg.train.max_steps}",
+                       *cell.extra]
+    return base + ["--preset", cell.preset, *cell.overrides, *cell.extra, "--seed", str(cell.seed),
+                   "--out", str(cell.run_dir)]
 
 
 def format_seconds(s: float) -> str:

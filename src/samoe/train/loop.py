@@ -62,6 +62,7 @@ from samoe.train.distributed import (
     wrap_ddp,
 )
 from samoe.train.optim import build_optimizer, lr_at, set_lr
+from samoe.train.tracking import Trackers, check_installed
 from samoe.train.upcycle import check_fits as check_upcycle_fits
 from samoe.train.upcycle import load_dense_source, upcycle
 
@@ -117,6 +118,7 @@ def train(cfg: Config, run_dir: str | Path, resume: bool = False, progress: bool
 
     The run is five steps: set_up (data, model, optimiser, resume), then per optimiser step
     train_step, evaluate_and_log and (when due) save, and at the end summarise."""
+    check_installed(cfg.train.loggers)  # a missing extra is one line, before any process starts work
     joined = dist.is_initialized()
     layout, device = init_layout(cfg, resolve_device(cfg.train.device))
     try:
@@ -254,6 +256,7 @@ class Run:
     splits: Splits
     params: dict
     token_bytes: np.ndarray  # [V] UTF-8 bytes per token, for bits per byte
+    trackers: Trackers | None = None  # TensorBoard / W&B, on the main process (train.loggers)
 
     def evaluate(self) -> dict:
         """Validation loss, perplexity and bits per byte, shared over the processes."""
@@ -362,6 +365,8 @@ def evaluate_and_log(run: Run, row: dict, metrics, bar: tqdm) -> dict | None:
             metrics.flush()
         except OSError as e:
             raise write_error(Path(metrics.name), e, run.run_dir) from None
+        if run.trackers is not None:
+            run.trackers.log(step, row, tr.model)
     bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
     bar.update(1)
     return val
@@ -418,6 +423,7 @@ def _run(run: Run, progress: bool) -> dict:
                dynamic_ncols=True)
     last_val: dict = {}
     metrics = _open_metrics(run.run_dir / METRICS_FILE, run.run_dir) if main else None
+    run.trackers = Trackers(tr.cfg, run.run_dir, tr.step, main)
     try:
         while tr.step < t.max_steps:
             row = train_step(tr)
@@ -425,6 +431,7 @@ def _run(run: Run, progress: bool) -> dict:
             if tr.step % t.ckpt_every == 0 or tr.step == t.max_steps:
                 save(run)
     finally:
+        run.trackers.close()
         if metrics is not None:
             try:
                 metrics.close()
