@@ -51,9 +51,12 @@ def format_per_second(rows: list[dict]) -> str:
     lines = ["| arm | at training second | gain over dense | the MoE's gain | share kept | interval |",
              "| --- | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
-        share = "n/a" if math.isnan(r["keeps"]) else f"{100 * r['keeps']:.0f}%"
+        if math.isnan(r["keeps"]):
+            share, interval = "n/a", "the MoE does not beat dense at this time"
+        else:
+            share, interval = f"{100 * r['keeps']:.0f}%", format_interval(r)
         lines.append(f"| {r['arm']} | {r['seconds']:,.0f} | {r['gain']:+.4f} | {r['moe_gain']:+.4f} | {share} "
-                     f"| {format_interval(r)} |")
+                     f"| {interval} |")
     return "\n".join(lines)
 
 
