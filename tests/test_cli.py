@@ -406,3 +406,21 @@ def test_a_peer_leaving_on_ctrl_c_is_an_interruption_not_a_traceback(monkeypatch
     monkeypatch.setattr(cli_mod, "run_pending_signal_handlers", pending_ctrl_c)
     with pytest.raises(RuntimeError, match="closed by peer"):
         cli_mod.main(["params"])
+
+
+@pytest.mark.parametrize("argv, overrides", [
+    (["train", "--preset", "tiny", "model.moe.sharing=private", "--max-steps", "2", "train.log_every=1"],
+     ["model.moe.sharing=private", "train.log_every=1"]),
+    (["train", "a.b=1", "--seed", "3", "c.d=2", "--quiet", "e.f=3"], ["a.b=1", "c.d=2", "e.f=3"]),
+    (["params", "tiny", "--json", "model.n_layers=4"], ["model.n_layers=4"]),
+])
+def test_overrides_may_stand_anywhere_among_a_verbs_flags(argv, overrides):
+    assert cli_mod.parse(argv).overrides == overrides
+
+
+def test_an_override_after_a_flag_takes_effect():
+    code, out, err = run_cli("params", "tiny", "--json", "model.moe.sharing=private", "model.n_layers=4")
+    code2, out2, _ = run_cli("params", "tiny", "model.moe.sharing=private", "--json", "model.n_layers=4")
+    assert code == code2 == 0 and out == out2 and json.loads(out)["total"] > json.loads(run_cli("params", "tiny",
+                                                                                                  "--json")[1])["total"]
+    assert_user_error(run_cli("params", "tiny", "--json", "bogus"), "bogus")

@@ -117,8 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The parsed command line; `key.path=value` overrides may stand anywhere among a verb's
+    flags (argparse gives the positional list only its first run of them, the rest come back
+    unrecognised and are appended in order)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and isinstance(getattr(args, "overrides", None), list) and not any(a.startswith("-") for a in rest):
+        args.overrides += rest
+    elif rest:
+        parser.parse_args(argv)  # argparse's own message and exit status for what it does not know
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     keep_freed_memory()  # every verb trains, evaluates or benchmarks: steady state is the peak
     try:
