@@ -2,8 +2,11 @@
 loop of torch.mm: each expert's rows times its matrix (plain or a transposed view), each expert's
 weight gradient (zero for an expert without rows), and what it declines."""
 
+import os
 import platform
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -126,3 +129,21 @@ def test_what_it_declines_is_left_to_the_caller():
     assert expert_gemm.rows_times_experts(x, w, counts, torch.randn(8, 16)[:, ::2]) is None  # bias not contiguous
     assert expert_gemm.rows_times_experts(x, w, counts, torch.randn(8, 7)) is None  # bias of another width
     assert expert_gemm.weight_grads(x, g, counts, None, torch.empty(8, 7)) is None  # bias gradient of another width
+
+
+@pytest.mark.slow
+def test_samoe_cache_holds_the_compiled_kernel(tmp_path):
+    """SAMOE_CACHE=DIR puts the kernel under DIR (a fresh process: the module builds once per process),
+    saying so in one stderr line; a second process loads it without building again."""
+    code = "import torch; torch.set_num_threads(2); from samoe.moe import expert_gemm as g; print(g.available())"
+    env = {**os.environ, "SAMOE_CACHE": str(tmp_path / "cache")}
+    env.pop("SAMOE_EXPERT_GEMM", None)
+    first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert first.stdout.strip() == str(expert_gemm.available())
+    if not expert_gemm.available():  # nothing to build here (the test above says where it builds)
+        assert not list((tmp_path / "cache").glob("expert_gemm-*.so"))
+        return
+    built = list((tmp_path / "cache").glob("expert_gemm-*.so"))
+    assert len(built) == 1 and first.stderr.count("built the experts' GEMM kernel into") == 1
+    again = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert again.stdout.strip() == "True" and "built" not in again.stderr

@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary name in the same directory, then rename."""
+"""Atomic file writes (write to a temporary name in the same directory, then rename), and where
+samoe keeps what it caches."""
 
 from __future__ import annotations
 
@@ -6,6 +7,14 @@ import json
 import os
 import tempfile
 from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """$SAMOE_CACHE, else $XDG_CACHE_HOME/samoe, else ~/.cache/samoe: the prepared built-in corpora
+    and the compiled expert kernel."""
+    if os.environ.get("SAMOE_CACHE"):
+        return Path(os.environ["SAMOE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "samoe"
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

@@ -22,18 +22,10 @@ import warnings
 from pathlib import Path
 
 from samoe.errors import DataError
-from samoe.fileio import write_text_atomic
+from samoe.fileio import cache_dir, write_text_atomic
 
 SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
 SOURCE_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
-
-
-def cache_dir() -> Path:
-    """$SAMOE_CACHE, else $XDG_CACHE_HOME/samoe, else ~/.cache/samoe."""
-    if os.environ.get("SAMOE_CACHE"):
-        return Path(os.environ["SAMOE_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "samoe"
 
 
 # ---------------------------------------------------------------------------------------------

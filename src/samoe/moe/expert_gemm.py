@@ -19,11 +19,11 @@ instead of separate passes over all the rows (moe/grouped.py says what that save
 order and first rows are worked out in C, not in numpy around the call: a call on 64 experts of
 one row took 15-34 us against 48-51 (`python scripts/ab_expert_gemm.py call`), six calls a layer.
 
-The kernel is a few lines of C (SOURCE) built once per PyTorch install with the system's C
-compiler and linked to the BLAS (MKL's sgemm_) and the OpenMP runtime (libgomp) that PyTorch's
-own wheel ships, so that there is one thread pool. Where any of that is missing (no compiler,
-another OpenMP or BLAS, not Linux), or SAMOE_EXPERT_GEMM=0, `available()` is False and callers
-keep torch._grouped_mm.
+The kernel is a few lines of C (expert_gemm.c beside this module) built once per PyTorch install
+with the system's C compiler into cache_dir() and linked to the BLAS (MKL's sgemm_) and the
+OpenMP runtime (libgomp) that PyTorch's own wheel ships, so that there is one thread pool. Where
+any of that is missing (no compiler, another OpenMP or BLAS, not Linux), or SAMOE_EXPERT_GEMM=0,
+`available()` is False and callers keep torch._grouped_mm; a build or a failed one says so on stderr.
 """
 
 from __future__ import annotations
@@ -35,106 +35,24 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-SOURCE = r"""
-#include <stdint.h>
-#include <string.h>
-void sgemm_(const char *ta, const char *tb, const int *m, const int *n, const int *k, const float *alpha,
-            const float *a, const int *lda, const float *b, const int *ldb, const float *beta, float *c,
-            const int *ldc);
+from samoe.fileio import cache_dir
 
-static const float one = 1.0f, zero = 0.0f;  /* sgemm_ takes every argument by address */
-static const char N = 'N', T = 'T';
+SOURCE = (Path(__file__).parent / "expert_gemm.c").read_text(encoding="utf-8")  # package data
 
-/* Expert e has counts[e] rows from row start[e] = counts[0] + ... + counts[e-1]. The threads take the experts one at
-   a time, largest first (order), so that they finish together. */
-static void plan(int E, const int64_t *counts, int *order, int64_t *start) {
-    int64_t s = 0;
-    for (int e = 0; e < E; e++) { start[e] = s; s += counts[e]; order[e] = e; }
-    for (int i = 1; i < E; i++) {  /* insertion sort, stable: E is small */
-        int e = order[i], j = i;
-        for (; j > 0 && counts[order[j - 1]] < counts[e]; j--) order[j] = order[j - 1];
-        order[j] = e;
-    }
-}
-
-/* y[rows of e] [n_e, n] = x[rows of e] [n_e, k] W_e [k, n], plus bias[e] [n] on every row when bias is not NULL
-   (the rows start as the bias and the product is added: beta = 1). x is row-major (ldx), y contiguous; W_e = w +
-   e * w_stride, row-major with ldw, or the transpose of such when tw. Row-major Y = X W is column-major
-   Y^T = W^T X^T: hence W before X in the call. */
-void expert_rows(int E, const int64_t *counts, const float *x, int ldx, const float *w, int64_t w_stride, int ldw,
-                 int tw, int k, int n, const float *bias, float *y, int threads) {
-    int order[E];
-    int64_t start[E];
-    plan(E, counts, order, start);
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int i = 0; i < E; i++) {
-        const int e = order[i], m = (int)counts[e];
-        if (m == 0) continue;
-        float *ye = y + start[e] * n;
-        if (bias)
-            for (int r = 0; r < m; r++) memcpy(ye + (int64_t)r * n, bias + (int64_t)e * n, sizeof(float) * n);
-        sgemm_(tw ? &T : &N, &N, &n, &m, &k, &one, w + e * w_stride, &ldw, x + start[e] * ldx, &ldx,
-               bias ? &one : &zero, ye, &n);
-    }
-}
-
-/* out[e] [d, h] = x[rows of e]^T g[rows of e] (zero for an expert without rows), x [N, d] and g [N, h] row-major
-   (ldx, ldg), out contiguous. With colsum not NULL, colsum[e] [h] = the sum of g's rows of e too: the gradient of a
-   bias added to those rows, summed by the same thread while the rows are in cache. */
-void expert_grads(int E, const int64_t *counts, const float *x, int ldx, const float *g, int ldg, int d, int h,
-                  float *out, float *colsum, int threads) {
-    int order[E];
-    int64_t start[E];
-    plan(E, counts, order, start);
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int i = 0; i < E; i++) {
-        const int e = order[i], k = (int)counts[e];
-        const float *ge = g + start[e] * ldg;
-        float *oe = out + (int64_t)e * d * h;
-        if (colsum) {
-            float *restrict s = colsum + (int64_t)e * h;
-            const float *restrict gr = ge;
-            memset(s, 0, sizeof(float) * h);
-            for (int r = 0; r < k; r++)
-                for (int j = 0; j < h; j++) s[j] += gr[(int64_t)r * ldg + j];
-        }
-        if (k == 0) {
-            memset(oe, 0, sizeof(float) * d * h);
-            continue;
-        }
-        sgemm_(&N, &T, &h, &d, &k, &one, ge, &ldg, x + start[e] * ldx, &ldx, &zero, oe, &h);  /* out^T = g^T x */
-    }
-}
-"""
-
-# When the kernel takes the experts (runs_on). From MIN_EXPERTS experts always: however uneven the
-# counts, the kernel won (64 experts, one of 400 rows and 63 of 5: 0.35-0.93 of torch._grouped_mm's
-# time). Below, only while the largest expert is at most a thread's share of the rows: a thread runs
-# an expert whole, so a larger one leaves the other thread idle. Four experts against
-# torch._grouped_mm, two runs of `python scripts/ab_expert_gemm.py shares` (d x h = 64 x 256,
-# 128 x 64, 256 x 1024): 128 rows each 0.82-0.94 of its time, 256 + 256 + 0 + 0 rows 0.86-0.98, but
-# 320 + 3 x 64 0.94-1.04, 448 + 32 + 16 + 16 1.19-1.40 and 512 + 0 + 0 + 0 1.66-1.86. (Until a call's
-# index arithmetic moved into C, its cost kept the `tiny` preset's four experts off the kernel
-# altogether: it made training 8-15% slower.)
-#
-# On one thread there is nothing to share out: the kernel took 2.04 ms against 1.88 at 64 experts
-# of 128 rows (d = 128 -> 64), and with the bias folded in and the lighter call, 2.61 against 2.58,
-# the default preset's training within its noise either way (MoE / dense 0.81 against 0.79 over
-# five interleaved calls). One thread keeps torch._grouped_mm.
+# When the kernel takes the experts (runs_on): from MIN_EXPERTS experts always, below only while no
+# expert holds more than a thread's share of the rows (a thread runs an expert whole); on one thread
+# torch._grouped_mm was as fast. The measurements are in docs/fast-moe.md.
 MIN_EXPERTS = 8
 MIN_THREADS = 2
 
 _lib: ctypes.CDLL | None | bool = False  # False: not tried yet
-
-
-def _cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "samoe"
 
 
 def _build() -> ctypes.CDLL | None:
@@ -147,7 +65,7 @@ def _build() -> ctypes.CDLL | None:
             or not (torch_lib / "libtorch_cpu.so").exists()):
         return None
     key = hashlib.sha256(f"{SOURCE}{torch.__version__}{torch_lib}{cc}".encode()).hexdigest()[:16]
-    so = _cache_dir() / f"expert_gemm-{key}.so"
+    so = cache_dir() / f"expert_gemm-{key}.so"
     try:
         if not so.exists():
             so.parent.mkdir(parents=True, exist_ok=True)
@@ -158,13 +76,17 @@ def _build() -> ctypes.CDLL | None:
                                 "-Wl,--no-as-needed", f"-L{torch_lib}", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"],
                                check=True, capture_output=True, timeout=120)
                 os.replace(out, so)  # atomic: a concurrent process sees the whole file or none
+            print(f"samoe: built the experts' GEMM kernel into {so}", file=sys.stderr)
         lib = ctypes.CDLL(str(so))
         P, I = ctypes.c_void_p, ctypes.c_int
         lib.expert_rows.argtypes = [I, P, P, I, P, ctypes.c_int64, I, I, I, I, P, P, I]
         lib.expert_grads.argtypes = [I, P, P, I, P, I, I, I, P, P, I]
         lib.expert_rows.restype = lib.expert_grads.restype = None
         return lib
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError) as e:
+        why = e.stderr.decode(errors="replace").strip().splitlines()[-1:] if getattr(e, "stderr", None) else [str(e)]
+        print(f"samoe: the experts' GEMM kernel did not build ({why[0] if why else e}); the experts run on "
+              "torch's GEMMs", file=sys.stderr)
         return None
 
 
