@@ -342,7 +342,7 @@ def test_study_eval_scores_each_finished_run_on_its_whole_split_once(tmp_path):
 
 def test_best_arms_are_the_three_lowest_losses_then_the_dense_ones_at_most_five():
     def arm(name, loss):
-        return runs_table.Arm(name, [runs_table.Run(Path(name), {"val_loss": loss}, [], 1.0)])
+        return runs_table.Arm(name, [runs_table.RunRecord(Path(name), {"val_loss": loss}, [], 1.0)])
 
     arms = [arm("x/dense-big", 1.6), arm("x/a", 1.0), arm("x/dense", 1.5), arm("x/b", 0.9), arm("x/c", 1.1),
             arm("x/d", 1.2), arm("x/dense-3", 1.7), arm("x/nan", math.nan)]

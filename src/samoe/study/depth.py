@@ -28,11 +28,11 @@ from typing import Callable
 
 from samoe.plots import pyplot, save_png
 from samoe.study.headline import comparison_groups
-from samoe.study.runs_table import Arm, Run
+from samoe.study.runs_table import Arm, RunRecord
 from samoe.study.share import format_interval, share_of_gain
 
 
-def per_second_rows(arms: list[Arm], loss_at: Callable[[Run, float], float]) -> list[dict]:
+def per_second_rows(arms: list[Arm], loss_at: Callable[[RunRecord, float], float]) -> list[dict]:
     """Each arm's share of the MoE's gain at its group's t*, with the interval."""
     rows = []
     for _, _, group in comparison_groups(arms):

@@ -23,7 +23,7 @@ from samoe.errors import DataError
 from samoe.fileio import read_cache, write_text_atomic
 from samoe.plots import pyplot
 from samoe.runs import CONFIG_FILE
-from samoe.study.runs_table import Arm, Run, base_name, by_corpus
+from samoe.study.runs_table import Arm, RunRecord, base_name, by_corpus
 
 DIVERSITY_FILE = "diversity.json"
 MEASURES = {"unigram_entropy": "unigram entropy (bits/word)", "distinct_1": "distinct-1",
@@ -43,7 +43,7 @@ def training_documents(data: dict) -> list[str]:
     return split_documents(docs, data.get("val_fraction", 0.05))[0]
 
 
-def _run_data(run: Run) -> dict:
+def _run_data(run: RunRecord) -> dict:
     """The data.* section of a run's config.yaml (read as YAML, not validated)."""
     try:
         cfg = yaml.safe_load((run.path / CONFIG_FILE).read_text(encoding="utf-8")) or {}
@@ -52,7 +52,7 @@ def _run_data(run: Run) -> dict:
     return cfg.get("data") or {} if isinstance(cfg, dict) else {}
 
 
-def corpus_diversity(root: Path, corpus: str, runs: list[Run]) -> tuple[dict | None, str]:
+def corpus_diversity(root: Path, corpus: str, runs: list[RunRecord]) -> tuple[dict | None, str]:
     """(samoe.data.stats of the corpus's training split, a description of the data) or (None, why
     not). Cached in DIR/<corpus>/diversity.json, recomputed when the data it names changes."""
     data = _run_data(runs[0])

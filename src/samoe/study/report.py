@@ -53,12 +53,12 @@ from samoe.study.depth import format_per_second, format_pool_use, per_second_row
 from samoe.study.diversity import format_poolsize, plot_gap_diversity, poolsize_rows
 from samoe.study.grid import SPEED_FILE
 from samoe.study.headline import format_headline, headline_rows
-from samoe.study.runs_table import WHOLE_SPLIT, Arm, Run, corpus_of, final_losses, finished_run_dirs, mean_std
+from samoe.study.runs_table import WHOLE_SPLIT, Arm, RunRecord, corpus_of, final_losses, finished_run_dirs, mean_std
 from samoe.study.whole_split import full_eval
 from samoe.study.zeroshot import ZEROSHOT_BEST, ZEROSHOT_MAX_ARMS, format_zeroshot, parse_tasks, zeroshot_rows
 
 
-def read_run(path: Path) -> Run:
+def read_run(path: Path) -> RunRecord:
     summary = read_json(path / SUMMARY_FILE)
     rows = read_metrics(path)
     tokens_per_step = summary["tokens"] // max(summary["steps"], 1)
@@ -69,7 +69,7 @@ def read_run(path: Path) -> Run:
         if "val_loss" in row:
             curve.append((row["step"], row["tokens"], seconds, row["val_loss"]))
     speed = statistics.median(r["tokens_per_s"] for r in rows) if rows else float("nan")
-    return Run(path, summary, curve, speed, full_eval(path, summary["steps"]))
+    return RunRecord(path, summary, curve, speed, full_eval(path, summary["steps"]))
 
 
 def apply_speed(arms: list[Arm], speed: dict) -> list[str]:
@@ -176,7 +176,7 @@ def arm_rows(arms: list[Arm]) -> list[dict]:
     return out
 
 
-def loss_at_seconds(run: Run, seconds: float) -> float:
+def loss_at_seconds(run: RunRecord, seconds: float) -> float:
     """The run's val loss at `seconds` of training, linear between its evaluations (nan
     before the first or after the last)."""
     pts = [(c[2], c[3]) for c in run.curve]

@@ -1,4 +1,4 @@
-"""Run and Arm: a study's finished runs grouped by arm, and the mean ± sample std over seeds.
+"""RunRecord and Arm: a study's finished runs grouped by arm, and the mean ± sample std over seeds.
 
 mean_std(x) = (mean(x), sqrt(Σ (x_i - mean)^2 / (n - 1))), the std 0 for a single value and both
 nan if any value is nan. Shared by samoe.study.report, .headline, .against_dense, .zeroshot and
@@ -29,7 +29,7 @@ def finished_run_dirs(study_dir: str | Path, allow_empty: bool = False) -> list[
 
 
 @dataclass
-class Run:
+class RunRecord:
     path: Path
     summary: dict
     curve: list[tuple[int, int, float, float]]  # (step, tokens, seconds, val_loss)
@@ -45,7 +45,7 @@ class Run:
 @dataclass
 class Arm:
     name: str
-    runs: list[Run] = field(default_factory=list)
+    runs: list[RunRecord] = field(default_factory=list)
 
     def stat(self, key: str) -> tuple[float, float]:
         return mean_std([r.summary[key] for r in self.runs])

@@ -20,7 +20,7 @@ from samoe.errors import UserError
 from samoe.eval import tasks as tasklib
 from samoe.eval.zeroshot import Scorer, evaluate_task, load_scorer
 from samoe.fileio import read_cache, write_text_atomic
-from samoe.study.runs_table import Arm, Run, base_name, mean_std
+from samoe.study.runs_table import Arm, RunRecord, base_name, mean_std
 
 ZEROSHOT_BEST, ZEROSHOT_MAX_ARMS = 3, 5
 ZEROSHOT_METRICS = ("acc", "acc_norm", "ppl")
@@ -67,7 +67,7 @@ def zeroshot_cache(run_dir: Path, name: str, limit: int | None) -> Path:
     return run_dir / f"zeroshot-{slug}-{limit if limit is not None else 'all'}.json"
 
 
-def score_run(run: Run, loaded: dict[str, tasklib.Task], limit: int | None, log: Callable[[str], None],
+def score_run(run: RunRecord, loaded: dict[str, tasklib.Task], limit: int | None, log: Callable[[str], None],
               label: str) -> dict[str, dict]:
     """Each task's metrics for one run: from its cache when the run's steps and the task's items
     are those it was scored with, else scored (the model loaded once, dropless) and cached."""
