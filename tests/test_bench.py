@@ -17,6 +17,7 @@ import torch
 from samoe.bench import layers, peers, suite, timing, training
 from samoe.bench.layers import Shape, layer_ratios
 from samoe.bench.timing import interleaved_medians, peak_rss_mib, run_isolated
+from samoe.cli import main
 from samoe.moe import expert_gemm
 
 
@@ -311,3 +312,18 @@ def test_the_report_says_how_busy_the_machine_was_and_which_peers_it_had():
     assert said.startswith("load average ") and " at the start; transformers " in said
     version = importlib.util.find_spec("deepspeed") is not None
     assert ("deepspeed not installed" in said) != version
+
+
+def test_bench_prints_its_report_and_writes_only_where_asked(tmp_path, monkeypatch, capsys):
+    """`samoe bench` prints the Markdown report and writes no file of its own accord (the checkout
+    stays as it was); --out FILE and --json FILE write there. The suite itself is replaced by a
+    fixed result so that only the verb's wiring is tested."""
+    fake = {"machine": "test", "training_shapes": {}}
+    monkeypatch.setattr(suite, "run_suite", lambda quick, repeats: dict(fake))
+    monkeypatch.setattr(suite, "markdown", lambda r, command: f"# Benchmarks\n\n{command}\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--quick"]) == 0
+    assert "# Benchmarks" in capsys.readouterr().out and list(tmp_path.iterdir()) == []
+    assert main(["bench", "--quick", "--out", "b.md", "--json", "b.json"]) == 0
+    assert (tmp_path / "b.md").read_text() == "# Benchmarks\n\nsamoe bench --quick\n"
+    assert json.loads((tmp_path / "b.json").read_text()) == {"training_shapes": {}}

@@ -169,11 +169,14 @@ def markdown(r: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(quick: bool, repeats: int, json_path: str | None, doc_path: str, command: str) -> dict:
+def main(quick: bool, repeats: int, json_path: str | None, doc_path: str | None, command: str) -> tuple[dict, str]:
+    """Run the suite; (results, the Markdown report), the report also written to doc_path when given."""
     results = run_suite(quick, repeats)
-    write_text_atomic(Path(doc_path), markdown(results, command))
+    report = markdown(results, command)
+    if doc_path:
+        write_text_atomic(Path(doc_path), report)
     if json_path:
         ratios = {k: v for k, v in results.items() if k in TARGETS or k.startswith("peer_") or k.endswith("_vs_dense")}
         ratios["training_shapes"] = results["training_shapes"]
         write_text_atomic(Path(json_path), json.dumps(ratios, indent=2) + "\n")
-    return results
+    return results, report
