@@ -67,7 +67,7 @@ def expert_report(model, stream, batch_size: int, max_tokens: int | None) -> dic
         for li, (routing, _, E) in enumerate(rec.calls):
             c = routing_counts(routing, E)
             counts[li] = c if counts[li].numel() != E else counts[li] + c
-            dropped[li] += int((~routing.keep.any(dim=1)).sum())
+            dropped[li] += int(routing.dropped().sum())
     model.train(was_training)
     out_layers = []
     for li, layer in enumerate(layers):

@@ -115,16 +115,14 @@ STATS = {  # key in a cell's summary -> (plot title, y label, log y)
 
 
 def routing_counts(routing, num_experts: int) -> Tensor:
-    """Kept (token, expert) slots per expert: [E] int64."""
-    return torch.bincount(routing.expert[routing.keep].reshape(-1), minlength=num_experts).cpu()
+    """Kept (token, expert) slots per expert: [E] int64, on the CPU."""
+    return routing.counts(num_experts).cpu()
 
 
 def router_entropy(routing) -> float:
     """Mean over tokens of the router distribution's entropy (nats); 0 for hash routing."""
-    if routing.probs is None:
-        return 0.0
-    p = routing.probs.detach().float()
-    return float(-(p * p.clamp_min(1e-20).log()).sum(-1).mean())
+    entropy = routing.entropy()
+    return 0.0 if entropy is None else float(entropy)
 
 
 # --------------------------------------------------------------------------- per-expert statistics
@@ -277,7 +275,7 @@ class GradFlowHook(StepHook):
             self.eff_acc[li].add(_rows(self.eff_grads[li], ws, 1) / weight)
             self.entropy.append(router_entropy(routing))
             self.entropy_norm.append(self.entropy[-1] / math.log(E) if E > 1 else 0.0)
-            self.dropped.append(float((~routing.keep.any(dim=1)).float().mean()))
+            self.dropped.append(float(routing.dropped().float().mean()))
         for gi, g in enumerate(self.groups):
             self.stored_acc[gi].add(_rows(self.stored_grads[gi], g, g[0].dim() - 2) / weight)
 

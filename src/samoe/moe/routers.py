@@ -49,13 +49,29 @@ class Routing:
             return token.reshape(-1), self.expert.reshape(-1), self.gate.reshape(-1)
         return token[self.keep], self.expert[self.keep], self.gate[self.keep]
 
+    def counts(self, num_experts: int) -> Tensor:
+        """Kept (token, expert) slots per expert: [E] int64."""
+        return torch.bincount(self.expert[self.keep].reshape(-1), minlength=num_experts)
+
+    def dropped(self) -> Tensor:
+        """[T] bool: the tokens none of whose slots was kept (the residual stream carries them)."""
+        return ~self.keep.any(dim=1)
+
+    def entropy(self) -> Tensor | None:
+        """Mean over tokens of the router distribution's entropy -Σ_e p_e ln p_e (nats); None
+        without a distribution (hash routing)."""
+        if self.probs is None:
+            return None
+        p = self.probs.detach().float()
+        return -(p * p.clamp_min(1e-20).log()).sum(-1).mean()
+
     def stats(self) -> dict[str, Tensor]:
         """Detached routing statistics: dropped-token fraction and mean router entropy."""
         with torch.no_grad():
-            out = {"dropped_frac": (~self.keep.any(dim=1)).float().mean()}
-            if self.probs is not None:
-                p = self.probs
-                out["router_entropy"] = -(p * p.clamp_min(1e-20).log()).sum(-1).mean()
+            out = {"dropped_frac": self.dropped().float().mean()}
+            entropy = self.entropy()
+            if entropy is not None:
+                out["router_entropy"] = entropy
             return out
 
 

@@ -55,8 +55,7 @@ def model_extras(model: GPT) -> tuple[dict[str, float], dict[str, torch.Tensor]]
     for l, layer in enumerate(model.moe_layers()):
         r = layer.last_routing
         if r is not None:
-            counts = torch.bincount(r.expert[r.keep].reshape(-1), minlength=layer.router.num_experts)
-            hists[f"load/layer{l}"] = counts.float()
+            hists[f"load/layer{l}"] = r.counts(layer.router.num_experts).float()
     return scalars, hists
 
 
