@@ -80,6 +80,13 @@ def capacity(tokens: int, num_experts: int, k: int, capacity_factor: float, min_
     return max(min_capacity, math.ceil(capacity_factor * tokens * k / num_experts))
 
 
+def layer_capacity(cfg: MoEConfig, training: bool, tokens: int, num_experts: int, k: int) -> int:
+    """capacity() with the layer's factor: capacity_factor in training, eval_capacity_factor in
+    evaluation (which applies only when eval_dropless is off: drops_nothing)."""
+    cf = cfg.capacity_factor if training else cfg.eval_capacity_factor
+    return capacity(tokens, num_experts, k, cf, cfg.min_capacity)
+
+
 def within_capacity(expert: Tensor, keep: Tensor, num_experts: int, cap: int) -> Tensor:
     """keep [T, k] narrowed to the first `cap` kept slots of each expert, in slot-major order.
 
@@ -158,8 +165,7 @@ class LinearRouter(nn.Module):
             return x @ self.weight.float().t()
 
     def capacity(self, tokens: int, k: int) -> int:
-        cf = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
-        return capacity(tokens, self.num_experts, k, cf, self.cfg.min_capacity)
+        return layer_capacity(self.cfg, self.training, tokens, self.num_experts, k)
 
 
 class TopKRouter(LinearRouter):
@@ -348,8 +354,7 @@ class HashRouter(nn.Module):
         expert = self.table[token_ids.reshape(-1)].unsqueeze(1)
         keep = torch.ones_like(expert, dtype=torch.bool)
         if not drops_nothing(self.cfg, self.training):
-            cf = self.cfg.capacity_factor if self.training else self.cfg.eval_capacity_factor
-            cap = capacity(expert.shape[0], self.num_experts, 1, cf, self.cfg.min_capacity)
+            cap = layer_capacity(self.cfg, self.training, expert.shape[0], self.num_experts, 1)
             keep = within_capacity(expert, keep, self.num_experts, cap)
         zero = x.new_zeros((), dtype=torch.float32)
         return Routing(expert, keep.float(), keep, None, {"load_balance": zero, "z_loss": zero})
