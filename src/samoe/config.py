@@ -23,7 +23,31 @@ import yaml
 from samoe.errors import ConfigError
 from samoe.fileio import write_text_atomic
 
-ROUTERS = ("switch", "gshard", "topk", "base", "hash", "expert_choice")
+
+@dataclass(frozen=True)
+class RouterKind:
+    """What a router implies, read wherever it matters (validation, FLOPs, zero-shot, export); the
+    classes are built from the same names by moe/routers.py's build_router (config sits below moe/,
+    so the table of properties lives here)."""
+
+    k: int | None  # slots per token, or None: model.moe.top_k
+    token_choice: bool  # each token picks its experts (else each expert picks its tokens)
+    learned: bool  # router weights x · W_r (FLOPs; upcycling starts them fresh)
+    causal: bool  # a token's experts do not depend on later tokens (cached generation, batched scoring)
+    softmax_top_k: bool  # top-k of a softmax (aux-loss-free bias, NormRouter, Mixtral/Qwen2-MoE export)
+    balanced: bool  # balanced by construction: no load-balancing loss
+
+
+ROUTER_KINDS: dict[str, RouterKind] = {  # BASE balances in training, routes greedily (causally) at inference
+    #                            k     token_choice learned causal softmax_top_k balanced
+    "switch": RouterKind(1, True, True, True, True, False),
+    "gshard": RouterKind(2, True, True, True, True, False),
+    "topk": RouterKind(None, True, True, True, True, False),
+    "base": RouterKind(1, True, True, True, False, True),
+    "hash": RouterKind(1, True, False, True, False, True),
+    "expert_choice": RouterKind(None, False, True, False, False, True),
+}
+ROUTERS = tuple(ROUTER_KINDS)
 SHARING = ("private", "pool", "shared")
 POOL_INITS = ("uniform", "noisy", "cycle", "sequence")
 GRANULARITIES = ("layer", "expert")
@@ -211,7 +235,7 @@ def experts_per_layer(m: ModelConfig) -> list[int]:
 
 def router_top_k(moe: MoEConfig) -> int:
     """Experts per token: switch/base/hash route to 1, gshard to 2, topk/expert_choice: top_k."""
-    return {"switch": 1, "base": 1, "hash": 1, "gshard": 2}.get(moe.router, moe.top_k)
+    return ROUTER_KINDS[moe.router].k or moe.top_k
 
 
 # --------------------------------------------------------------------------- validation
@@ -263,7 +287,7 @@ def validate(cfg: Config) -> Config:
                "'layer' unless model.moe.sharing = 'shared' (only a bank every layer routes into is one pool)",
                moe.balance)
     if moe.enabled and moe.norm_router:
-        _check(moe.router in ("gshard", "topk") and router_top_k(moe) > 1, "model.moe.norm_router",
+        _check(ROUTER_KINDS[moe.router].softmax_top_k and router_top_k(moe) > 1, "model.moe.norm_router",
                "false unless model.moe.router is gshard or topk with top_k > 1 (one gate renormalised is 1)",
                moe.norm_router)
     if moe.enabled and moe.pool.depth_embedding:
@@ -286,9 +310,10 @@ def validate(cfg: Config) -> Config:
         k = router_top_k(moe)
         smallest = min(experts_per_layer(m))
         _check(moe.top_k >= 1, "model.moe.top_k", "an integer >= 1", moe.top_k)
-        _check(k <= smallest, "model.moe.top_k" if moe.router in ("topk", "expert_choice") else "model.moe.num_experts",
+        uses_top_k = ROUTER_KINDS[moe.router].k is None
+        _check(k <= smallest, "model.moe.top_k" if uses_top_k else "model.moe.num_experts",
                f"top_k = {k} (router {moe.router!r}) <= the number of experts ({smallest})",
-               moe.top_k if moe.router in ("topk", "expert_choice") else smallest)
+               moe.top_k if uses_top_k else smallest)
     _check(moe.capacity_factor > 0, "model.moe.capacity_factor", "a number > 0", moe.capacity_factor)
     _check(moe.eval_capacity_factor > 0, "model.moe.eval_capacity_factor", "a number > 0", moe.eval_capacity_factor)
     _check(moe.min_capacity >= 0, "model.moe.min_capacity", "an integer >= 0", moe.min_capacity)
@@ -296,7 +321,7 @@ def validate(cfg: Config) -> Config:
     _check(moe.load_balance_weight >= 0, "model.moe.load_balance_weight", "a number >= 0", moe.load_balance_weight)
     _check(moe.z_loss_weight >= 0, "model.moe.z_loss_weight", "a number >= 0", moe.z_loss_weight)
     if moe.aux_free_bias:
-        _check(moe.router in ("switch", "gshard", "topk"), "model.moe.aux_free_bias",
+        _check(ROUTER_KINDS[moe.router].softmax_top_k, "model.moe.aux_free_bias",
                "false unless model.moe.router is switch, gshard or topk", moe.aux_free_bias)
     _check(pool.size >= 1, "model.moe.pool.size", "an integer >= 1", pool.size)
     _check(pool.temperature > 0, "model.moe.pool.temperature", "a number > 0", pool.temperature)

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from samoe.analysis.params import count_config_params
 from samoe.config import (
+    ROUTER_KINDS,
     Config,
     ModelConfig,
     expert_hidden,
@@ -74,7 +75,7 @@ def _expert_params(m: ModelConfig, hidden: int) -> int:
 def slots_per_token(m: ModelConfig, num_experts: int, batch_tokens: int) -> float:
     """Experts each token visits: k for token-choice routers; E·C/T for expert choice."""
     moe, k = m.moe, router_top_k(m.moe)
-    if moe.router != "expert_choice":
+    if ROUTER_KINDS[moe.router].token_choice:
         return float(k)
     cap = min(batch_tokens, capacity(batch_tokens, num_experts, k, moe.capacity_factor, moe.min_capacity))
     return num_experts * cap / batch_tokens
@@ -95,7 +96,7 @@ def forward_flops(m: ModelConfig, batch_tokens: int) -> dict[str, float]:
         if moe.residual:
             gates = 2 if moe.residual_gate == "softmax" else 1  # the branch's gate: softmax over two, or a sigmoid
             out["dense_ffn"] += _ffn_flops(m, residual_hidden(m)) + 2 * d * gates
-        if moe.router != "hash":
+        if ROUTER_KINDS[moe.router].learned:
             out["router"] += 2 * d * E
         out["experts"] += slots_per_token(m, E, batch_tokens) * _ffn_flops(m, f_e)
         if moe.sharing == "pool":

@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from samoe.config import micro_batch
+from samoe.config import ROUTER_KINDS, micro_batch
 from samoe.eval.tasks import Task
 from samoe.model.gpt import GPT
 from samoe.runs import autocast_for, load_trained
@@ -55,7 +55,9 @@ class Scorer:
     def __init__(self, model: GPT, tokenizer, batch_size: int, autocast=nullcontext):
         self.model = model.eval()
         self.tokenizer = tokenizer
-        self.batch_size = 1 if model.cfg.moe.enabled and model.cfg.moe.router == "expert_choice" else batch_size
+        # a router that is not causal scores a request by its batch-mates: one request per forward
+        causal = not model.cfg.moe.enabled or ROUTER_KINDS[model.cfg.moe.router].causal
+        self.batch_size = batch_size if causal else 1
         self.autocast = autocast
         self.device = next(model.parameters()).device
 

@@ -27,6 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from samoe.config import (
+    ROUTER_KINDS,
     ModelConfig,
     expert_hidden,
     experts_per_layer,
@@ -69,7 +70,7 @@ def samoe_hf_config(m: ModelConfig, eot_id: int, dtype: str) -> dict:
         "samoe": samoe,
         **backbone_keys(m),
         # expert choice is not causal: every step re-reads the whole text, so no KV cache
-        "use_cache": not (moe_ids and m.moe.router == "expert_choice"),
+        "use_cache": not moe_ids or ROUTER_KINDS[m.moe.router].causal,
         "bos_token_id": eot_id,
         "eos_token_id": eot_id,
         "pad_token_id": eot_id,

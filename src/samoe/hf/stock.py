@@ -28,6 +28,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from samoe.config import (
+    ROUTER_KINDS,
     ModelConfig,
     expert_hidden,
     experts_per_layer,
@@ -58,7 +59,7 @@ def check_fits(m: ModelConfig, fmt: str) -> None:
         need(sparse, "model.moe.enabled", moe.enabled, "an MoE model (export a dense one as qwen2_moe)")
     if not sparse:
         return
-    need(moe.router in ("switch", "gshard", "topk"), "model.moe.router", moe.router,
+    need(ROUTER_KINDS[moe.router].softmax_top_k, "model.moe.router", moe.router,
          "softmax top-k routing (switch, gshard or topk)")
     need(not moe.aux_free_bias, "model.moe.aux_free_bias", moe.aux_free_bias, "false (no selection bias)")
     need(len(set(experts_per_layer(m))) == 1, "model.moe.experts_per_layer", moe.experts_per_layer,

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from samoe.config import MoEConfig, router_top_k
+from samoe.config import ROUTER_KINDS, MoEConfig, router_top_k
 
 
 @dataclass
@@ -384,11 +384,12 @@ class ExpertChoiceRouter(LinearRouter):
         return Routing(expert, probs * keep, keep, probs, aux)
 
 
+ROUTER_CLASSES = {"switch": TopKRouter, "gshard": TopKRouter, "topk": TopKRouter, "base": BaseRouter,
+                  "hash": HashRouter, "expert_choice": ExpertChoiceRouter}
+assert set(ROUTER_CLASSES) == set(ROUTER_KINDS), "every router kind has a class, and no class lacks its kind"
+
+
 def build_router(cfg: MoEConfig, d_model: int, num_experts: int, vocab_size: int) -> nn.Module:
-    if cfg.router in ("switch", "gshard", "topk"):
-        return TopKRouter(d_model, num_experts, cfg)
-    if cfg.router == "base":
-        return BaseRouter(d_model, num_experts, cfg)
-    if cfg.router == "hash":
-        return HashRouter(vocab_size, num_experts, cfg)
-    return ExpertChoiceRouter(d_model, num_experts, cfg)
+    """The router config.ROUTER_KINDS names (its properties are there)."""
+    cls = ROUTER_CLASSES[cfg.router]
+    return cls(vocab_size, num_experts, cfg) if cls is HashRouter else cls(d_model, num_experts, cfg)
