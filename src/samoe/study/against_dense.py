@@ -9,7 +9,7 @@ split where every run of the two arms has been scored on it):
     Δ_s     = L_A(seed s) - L_dense(seed s)             per seed both arms ran; a seed gives
                                                         both arms the same batches, so Δ_s is paired
     margin  = -Δ / max(sd_A, sd_dense)                  in standard deviations of the larger of
-                                                        the two seed spreads (issue 12's bar: > 2)
+                                                        the two seed spreads (the quality bar: > 2)
     t       = -Δ / sqrt(sd_A² / n_A + sd_dense² / n_dense)   Welch's t
 
 with sd the sample standard deviation over seeds (n - 1); margin and t are nan where either arm
@@ -60,7 +60,7 @@ def format_against_dense(rows: list[dict]) -> str:
     sources = sorted({r["loss_source"] for r in rows})
     lines += ["", f"Final val loss from: {' and '.join(sources)} (mean ± std over seeds). A seed gives both arms the "
               "same batches, so Δ by seed is paired; margin is the mean gain over dense in standard deviations of "
-              "the larger of the two arms' seed spreads (issue 12's bar: more than 2)."]
+              "the larger of the two arms' seed spreads (the quality bar: more than 2)."]
     return "\n".join(lines)
 
 
