@@ -99,8 +99,10 @@ def plot_frontier(rows: list[dict], out_dir: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7.5, 5))
     ax.axhline(1.0, color="0.5", lw=0.8, ls="--")
     ax.axhline(0.0, color="0.5", lw=0.8, ls=":")
-    ax.annotate("standard MoE", (1.0, 1.0), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.annotate("FLOPs-matched dense", (1.0, 0.0), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.annotate("the standard MoE", (0.01, 1.0), xycoords=("axes fraction", "data"), fontsize=7, xytext=(0, 3),
+                textcoords="offset points", color="0.4")
+    ax.annotate("FLOPs-matched dense", (0.01, 0.0), xycoords=("axes fraction", "data"), fontsize=7, xytext=(0, 3),
+                textcoords="offset points", color="0.4")
 
     def point(r, **kw):
         err = None if math.isnan(r["keeps_low"]) else [[r["keeps_moe_gain"] - r["keeps_low"]],
@@ -124,6 +126,10 @@ def plot_frontier(rows: list[dict], out_dir: Path) -> Path | None:
         ax.annotate(r["arm"], (r["moe_params_ratio"], r["keeps_moe_gain"]), fontsize=7, xytext=(4, -9),
                     textcoords="offset points")
     ax.set_xscale("log")
+    xs = [r["moe_params_ratio"] for r in rows] + [1.0]
+    ticks = [t for t in (0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 6, 8) if min(xs) / 1.1 <= t <= max(xs) * 1.1]
+    ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("total parameters saved: the standard MoE's / the arm's (log)")
     ax.set_ylabel("share of the MoE's val-loss gain over dense kept (95% interval)")
     ax.grid(alpha=0.3)
