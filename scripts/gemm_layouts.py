@@ -1,4 +1,5 @@
-"""The experts' GEMMs three ways, for docs/fast-moe.md's table of the padded layout:
+"""The experts' GEMMs three ways, for the padded layout's table in docs/notes/fast-moe-history.md
+(the layout itself was removed on 2026-12-07; this script times the GEMMs alone):
 
     python scripts/gemm_layouts.py            # 2 threads (the machine's default)
     OMP_NUM_THREADS=1 python scripts/gemm_layouts.py

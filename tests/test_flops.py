@@ -30,16 +30,13 @@ def counted_flops_per_token(cfg) -> float:
     The MATH attention backend: FlopCounterMode has no formula for the fused CPU kernel and
     would count no attention scores at all; the math path's two bmms it counts over the full
     S×S window, as flops.py does. Likewise the experts' GEMMs run as the loop of per-expert mm
-    (GROUPED_GEMM emptied): FlopCounterMode has no formula for torch._grouped_mm; and never in
-    the padded layout (PAD_TOLERANCE -1: no expert joins another's group), whose padding rows it
-    would count.
+    (GROUPED_GEMM emptied): FlopCounterMode has no formula for torch._grouped_mm.
     """
     torch.manual_seed(0)
     model = GPT(cfg.model).eval()
     idx = torch.randint(0, cfg.model.vocab_size, (B, cfg.model.block_size))
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), mock.patch.dict(grouped.GROUPED_GEMM, clear=True), \
-            mock.patch.object(grouped, "PAD_TOLERANCE", -1.0), counter:
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), mock.patch.dict(grouped.GROUPED_GEMM, clear=True), counter:
         model(idx)
     return counter.get_total_flops() / idx.numel()
 

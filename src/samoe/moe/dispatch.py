@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-from samoe.moe.grouped import ExpertSource, gated_sum, grouped_expert_ffn, row_layout
+from samoe.moe.grouped import ExpertSource, gated_sum, grouped_expert_ffn
 from samoe.moe.routers import Routing
 
 
@@ -51,14 +51,9 @@ def dispatch(x: Tensor, routing: Routing, source: ExpertSource | tuple[Tensor, .
     order = torch.argsort(expert, stable=True)
     token, gate = token[order], gate[order]
     counts = torch.bincount(expert, minlength=source.w1.shape[-3]).tolist()
-    # Where the GEMMs pad their experts' rows (moe/grouped.py, RowLayout), the slots are laid out
-    # padded here already, so x is gathered once, straight into the padded rows: a padding row
-    # reads token 0 with gate 0, so it adds nothing to the output and gets a zero gradient.
-    layout = row_layout(x, counts, source.w1.shape[-1], source.w2.shape[-2])
-    token, gate = layout.pad(token), layout.pad(gate)
     # index_select, not x[token]: its backward is an index_add, where advanced indexing's is an
     # accumulating index_put (several times slower on CPU).
-    y = grouped_expert_ffn(x.index_select(0, token), counts, source, activation, layout)
+    y = grouped_expert_ffn(x.index_select(0, token), counts, source, activation)
     return gated_sum(x, token, gate, y)
 
 

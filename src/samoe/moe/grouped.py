@@ -7,25 +7,13 @@ expert's matrices run once on its rows, in two passes over the experts:
              a = act(h)                                    (one call over all rows)
     pass 2:  y[rows_e] = a[rows_e]·W2[e] + b2[e]           (all experts)
 
-How the GEMMs of a pass run is the layout's choice (RowLayout, chosen by row_layout from the
-counts each step):
-- per expert, the default: on the CPU in fp32 the experts spread over the threads, each GEMM
-  whole on one thread (moe/expert_gemm.py, where its kernel builds); else one grouped GEMM
-  (`torch._grouped_mm` with the experts' row offsets) where that runs (the CPU in fp32 and bf16,
-  every operand's rows 16-byte multiples; it loops over the experts inside, each GEMM split over
-  the threads); else a loop of torch.mm;
-- padded (opt-in, PAD_ENABLED): rows padded so that several experts share one torch.bmm on
-  [experts, C, ·] views, which hands whole GEMMs to the threads where a lone small GEMM is split
-  between them. Levels when the weights are small beside the rows: the experts sorted by count
-  (weights gathered into that order), level j holding the next C_j rows of every expert that
-  has them, so a level is one bmm over a prefix of the experts and an expert's rows may span
-  several levels (its weight gradient summed over them). Groups of neighbouring experts when
-  the weights are large, each group padded to its largest count. Padding rows cost FLOPs, so
-  either is taken only while they stay within PAD_TOLERANCE of the real rows. The dispatcher
-  (moe/dispatch.py) lays the slots out padded already, so the tokens are gathered once. On
-  fresh routers' near-even counts a bmm ran 1.4-1.8x faster than a GEMM per expert at the
-  default preset's shape (scripts/gemm_layouts.py); on trained routing (6 to 411 rows an
-  expert) it gained nothing end to end (docs/fast-moe.md), hence off by default.
+How the GEMMs of a pass run (row_layout, from the counts each step): on the CPU in fp32 the
+experts spread over the threads, each GEMM whole on one thread (moe/expert_gemm.py, where its
+kernel builds); else one grouped GEMM (`torch._grouped_mm` with the experts' row offsets) where
+that runs (the CPU in fp32 and bf16, every operand's rows 16-byte multiples; it loops over the
+experts inside, each GEMM split over the threads); else a loop of torch.mm. (A padded layout,
+several experts sharing one torch.bmm, gained nothing end to end on trained routing and was
+removed; its measurements are in docs/notes/fast-moe-history.md.)
 
 Why this shape:
 - the activation (and its backward) runs once over [N, h], not once per expert: elementwise
@@ -37,8 +25,7 @@ Why this shape:
   its gradient is summed from the rows the weight gradient reads, by the same thread (the gathers
   of [N, ·] bias rows, their adds and the segment sums this replaces took 1.4 ms of a 31 ms layer
   at the default preset's shape, under torch.profiler); otherwise they are added group by group,
-  in place, and their gradients are one segment sum each (index_add over the rows' expert ids;
-  padding rows have zero gradients);
+  in place, and their gradients are one segment sum each (index_add over the rows' expert ids);
 - SaMoE: the weights may be given as a pool P [K, E, ...] with mixing coefficients c ([K],
   or [E, K] per expert). The layer's experts W = Σ_k c[.., k] · P[k] are combined just before
   use, one matrix at a time (W1 for pass 1, W2 for pass 2), in forward and again in backward:
@@ -48,6 +35,10 @@ Why this shape:
   The backward computes the stack's gradient ∂L/∂W as for private experts, then
   ∂L/∂P[k] = c[.., k] · ∂L/∂W and ∂L/∂c[.., k] = <P[k], ∂L/∂W>.
 Under autocast the matmuls run in the autocast dtype; gradients return in the inputs' dtypes.
+
+Names in GroupedExpertFFN carry their shapes as suffixes: N rows (the expert-sorted slots), D the
+model width d, H the first projection's width h (f, or 2f for swiglu), F the expert's hidden width
+f, E experts; `grad_` marks a gradient (grad_w1_EDH = ∂L/∂W1).
 """
 
 from __future__ import annotations
@@ -135,195 +126,29 @@ def _source_grad(w: Tensor, coef: Tensor | None, gcoef: Tensor | None, g: Tensor
 # adds it for its own checks and times it against the loop.
 GROUPED_GEMM = {"cpu": (torch.float32, torch.bfloat16)}
 
-# The padded layouts (module docstring). Levels (experts sorted by count, weights gathered into
-# that order; _levels): bands of experts padded to their largest count while that stays within
-# LEVEL_TOLERANCE of their rows, and every level at least LEVEL_MIN_ROWS high (on trained counts of
-# the default preset, 6-411 rows an expert: 1.12x the rows in 8 levels). Groups (expert order,
-# for weights too large to gather): at most PAD_GROUP neighbours, each padded to its largest
-# count. Either is taken only while all its padding stays within PAD_TOLERANCE of the real rows.
-# Layers with fewer than PAD_MIN_EXPERTS experts keep a GEMM per expert (the `tiny` preset's 4
-# experts of 128 rows at d = 64 trained 10-15% slower padded: the layout's own tensor ops outweigh
-# 3 saved GEMM calls); and on one thread nothing is padded: the batched GEMM's gain is handing
-# whole GEMMs to the threads, and alone it ran the default's shape only 1.1-1.2x faster than a
-# GEMM per expert (1.4-1.8x on two), which padding gives back.
-#
-# The padded rows are rounded up to ROW_BUCKETS steps per power of two (bucket_rows; the rows past
-# the layout's are zeros): the padded size changes every step, and with glibc keeping freed memory
-# (samoe/malloc.py) unrounded sizes fragmented the heap: `samoe train` (default preset, 250 steps)
-# peaked at 3.3 GB of RSS padded against 1.5 GB per expert; rounded, 1.54 GB against 1.52.
-#
-# PAD_ENABLED is off: in that run (2 threads, levels) the padded layout took 110.5 s against
-# 107.6-110.1 s per expert: trained routing is too uneven for it to pay (docs/fast-moe.md).
-PAD_ENABLED = False
-PAD_GROUP = 8
-PAD_TOLERANCE = 0.3
-PAD_MIN_EXPERTS = 8
-PAD_MIN_THREADS = 2
-LEVEL_MIN_ROWS = 32
-LEVEL_TOLERANCE = 0.1
-ROW_BUCKETS = 16
-
-
-def bucket_rows(n: int) -> int:
-    """n rounded up to a multiple of 2^⌊log2 n⌋ / ROW_BUCKETS (at most 1/ROW_BUCKETS more)."""
-    step = max(1, (1 << (max(n, 1).bit_length() - 1)) // ROW_BUCKETS)
-    return -(-n // step) * step
-
 
 @dataclass
 class RowLayout:
-    """Where each expert's rows sit for the FFN's GEMMs.
-
-    Rows arrive sorted by expert (counts[e] rows for expert e, natural order). A layout either
-    keeps them so (`dest` None: one GEMM per expert, by the loop or torch._grouped_mm) or
-    scatters them into a padded buffer of `rows` rows (`dest` [N]: the padded row of each sorted
-    row; padding rows are zero when padded by `pad`, and may hold any rows whose output gradients
-    are zero, as the dispatcher's do). Either way the GEMMs run over `groups`, tuples (e0, e1, C, r0):
-    layout positions e0..e1-1 hold C rows each, from row r0, so a group is one bmm on views
-    [e1 - e0, C, ·]. Groups may share positions (levels: an expert's rows in several of them),
-    so weight gradients accumulate over its groups. Rows from `used` to `rows` belong to no
-    group and stay zero (the size rounded up, bucket_rows). Position p holds expert perm[p]
-    (natural order when perm is None).
-    """
+    """Where each expert's rows sit for the FFN's GEMMs: sorted by expert, counts[e] rows of
+    expert e from row starts[e]. `offs`: torch._grouped_mm's offsets where it (or the expert
+    kernel) runs the GEMMs, else None (a loop of torch.mm, one per expert)."""
 
     counts: list[int]
-    groups: list[tuple[int, int, int, int]]
-    rows: int
-    row_expert: Tensor  # [rows] natural expert id of each row (padding rows: any)
-    offs: Tensor | None = None  # torch._grouped_mm's offsets, when it runs the GEMMs
-    dest: Tensor | None = None
-    perm: Tensor | None = None
-    used: int | None = None  # rows the groups cover (default all)
-
-    def __post_init__(self):
-        self.used = self.rows if self.used is None else self.used
-
-    def pad(self, t: Tensor) -> Tensor:
-        """Sorted rows [N, ...] -> layout rows [rows, ...], zeros on padding rows."""
-        return t if self.dest is None else t.new_zeros(self.rows, *t.shape[1:]).index_copy_(0, self.dest, t)
-
-    def unpad(self, t: Tensor) -> Tensor:
-        """Layout rows [rows, ...] -> sorted rows [N, ...]."""
-        return t if self.dest is None else t.index_select(0, self.dest)
-
-    def take(self, w: Tensor) -> Tensor:
-        """An expert stack [E, ...] in layout order."""
-        return w if self.perm is None else w.index_select(0, self.perm)
-
-    def give_back(self, g: Tensor) -> Tensor:
-        """A gradient stack [E, ...] from layout order back to natural order."""
-        return g if self.perm is None else torch.empty_like(g).index_copy_(0, self.perm, g)
+    starts: list[int]
+    row_expert: Tensor  # [N] the expert of each row: the biases' gather and their gradients' segment sum
+    offs: Tensor | None = None
 
 
-def _expert_groups(counts: list[int], tol: float) -> list[tuple[int, int, int, int]] | None:
-    """Neighbouring experts grouped greedily: a group takes the next expert while it has fewer
-    than PAD_GROUP and its padded rows (experts x largest count) stay within 1 + tol of its real
-    rows. None where that finds too little to group (more than E / 2 groups)."""
-    sizes: list[list[int]] = []  # per group: [experts, largest count, rows]
-    for n in counts:
-        last = sizes[-1] if sizes else None
-        if last and last[0] < PAD_GROUP and (last[0] + 1) * max(last[1], n) <= (1 + tol) * (last[2] + n):
-            last[0], last[1], last[2] = last[0] + 1, max(last[1], n), last[2] + n
-        else:
-            sizes.append([1, n, n])
-    if len(sizes) > len(counts) / 2:
-        return None
-    groups, p0, r0 = [], 0, 0
-    for k, C, _ in sizes:
-        groups.append((p0, p0 + k, C, r0))
-        p0, r0 = p0 + k, r0 + k * C
-    return groups
-
-
-def _levels(ordered: list[int], min_rows: int, tol: float) -> list[tuple[int, int, int, int]]:
-    """Counts in descending order -> levels (0, m_j, C_j, r0_j).
-
-    The experts are cut into bands of neighbours (in this order), each padded to its largest
-    count: a band takes the next expert while its padded rows stay within 1 + tol of its real
-    rows, and always when the next count is within min_rows of the band's top. The band tops,
-    ascending, are the level boundaries H_1 < H_2 < ...: level j holds rows [H_{j-1}, H_j) of the
-    m_j experts with more than H_{j-1} rows. Those are a prefix of the order, so one bmm with
-    C_j = H_j - H_{j-1} rows per expert takes a level, and every level is at least min_rows
-    high but the lowest (which all experts share)."""
-    bands: list[list[int]] = []  # [top, experts, rows], tops descending
-    for n in ordered:
-        if n == 0:
-            break
-        last = bands[-1] if bands else None
-        if last and (last[0] - n < min_rows or (last[1] + 1) * last[0] <= (1 + tol) * (last[2] + n)):
-            last[1], last[2] = last[1] + 1, last[2] + n
-        else:
-            bands.append([n, 1, n])
-    groups, r0, low, m = [], 0, 0, sum(b[1] for b in bands)
-    for top, k, _ in reversed(bands):
-        groups.append((0, m, top - low, r0))
-        r0, low, m = r0 + m * (top - low), top, m - k
-    return groups
-
-
-def row_layout(x: Tensor, counts: list[int], *widths: int, pad_tolerance: float | None = None,
-               permute: bool | None = None, level_rows: int | None = None,
-               level_tolerance: float | None = None) -> RowLayout:
-    """The layout for N = Σ counts rows of width d (x: their dtype, device and width; it may be the
-    tokens before they are gathered) feeding experts of inner widths `widths` (h, f).
-
-    With PAD_ENABLED, at least PAD_MIN_EXPERTS experts and, on the CPU, PAD_MIN_THREADS threads,
-    the rows may be padded: into levels over the experts sorted by count (_levels: each at least
-    `level_rows` high, bands within `level_tolerance`; defaults LEVEL_MIN_ROWS, LEVEL_TOLERANCE)
-    when `permute` (default: when the E x d x h weights are no larger than the N x (d + h) rows,
-    so gathering them into that order costs less than the rows), else
-    into groups of neighbouring experts (_expert_groups); either only while the padding stays
-    within pad_tolerance (default PAD_TOLERANCE) of N. Otherwise the GEMMs run one per expert
-    (torch._grouped_mm where grouped_gemm_offsets allows), as groups of one.
-    """
-    E, N, dev = len(counts), sum(counts), x.device
-    tol = PAD_TOLERANCE if pad_tolerance is None else pad_tolerance
+def row_layout(x: Tensor, counts: list[int], *widths: int) -> RowLayout:
+    """The layout of N = Σ counts expert-sorted rows of x's width, dtype and device feeding
+    experts of inner widths `widths` (h, f)."""
+    dev = x.device
     # the GEMMs run in the autocast dtype where autocast is on (GroupedExpertFFN.forward)
     dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else x.dtype
-    threads_ok = dev.type != "cpu" or torch.get_num_threads() >= PAD_MIN_THREADS  # (the thread rule is the CPU's)
-    groups, order = None, None
-    if N and PAD_ENABLED and E >= PAD_MIN_EXPERTS and threads_ok:
-        if permute is None:
-            permute = E * x.shape[1] * widths[0] <= N * (x.shape[1] + widths[0])
-        if permute:
-            order = sorted(range(E), key=lambda e: -counts[e])
-            groups = _levels([counts[e] for e in order], LEVEL_MIN_ROWS if level_rows is None else level_rows,
-                             LEVEL_TOLERANCE if level_tolerance is None else level_tolerance)
-        else:
-            groups = _expert_groups(counts, tol)
-        used = sum((e1 - e0) * C for e0, e1, C, _ in groups) if groups else 0
-        if groups and used > (1 + tol) * N:
-            groups = None
     c = torch.tensor(counts, device=dev)
-    if groups:
-        start = torch.cumsum(c, 0) - c
-        within = torch.arange(N, device=dev) - torch.repeat_interleave(start, c, output_size=N)
-        rows = bucket_rows(used)
-        ordered = None if order is None else torch.tensor(order, device=dev)
-        if ordered is None:  # sorted row i of expert e (its within-th row) goes to its group's block
-            base = [0] * E  # each expert's first padded row
-            for p0, p1, C, g0 in groups:
-                for p in range(p0, p1):
-                    base[p] = g0 + (p - p0) * C
-            dest = torch.repeat_interleave(torch.tensor(base, device=dev), c, output_size=N) + within
-            rows_at = [C for p0, p1, C, _ in groups for _ in range(p0, p1)]
-            row_expert = torch.repeat_interleave(torch.arange(E, device=dev), torch.tensor(rows_at, device=dev),
-                                                 output_size=used)
-        else:  # the within-th row of the expert at position p: at level j = #{H_i <= within},
-            # row r0_j + p·C_j + within - H_{j-1}
-            pos = torch.empty(E, dtype=torch.long, device=dev)
-            pos[ordered] = torch.arange(E, device=dev)
-            C, r0 = (torch.tensor([g[i] for g in groups], device=dev) for i in (2, 3))
-            high = torch.cumsum(C, 0)
-            j = torch.searchsorted(high, within, right=True)
-            dest = r0[j] + torch.repeat_interleave(pos, c, output_size=N) * C[j] + within - (high - C)[j]
-            row_expert = torch.cat([ordered[:e1].repeat_interleave(h) for _, e1, h, _ in groups])
-        row_expert = torch.cat([row_expert, row_expert.new_zeros(rows - used)])
-        return RowLayout(counts, groups, rows, row_expert, dest=dest, used=used, perm=ordered)
-    row_expert = torch.repeat_interleave(torch.arange(E, device=dev), c, output_size=N)
-    starts = [0, *accumulate(counts)]
-    groups = [(e, e + 1, n, starts[e]) for e, n in enumerate(counts)]
-    return RowLayout(counts, groups, N, row_expert, offs=grouped_gemm_offsets(x, c, *widths, dtype=dtype))
+    row_expert = torch.repeat_interleave(torch.arange(len(counts), device=dev), c, output_size=sum(counts))
+    return RowLayout(counts, [0, *accumulate(counts)][:-1], row_expert,
+                     grouped_gemm_offsets(x, c, *widths, dtype=dtype))
 
 
 def grouped_gemm_offsets(x: Tensor, counts: list[int] | Tensor, *widths: int,
@@ -340,15 +165,9 @@ def grouped_gemm_offsets(x: Tensor, counts: list[int] | Tensor, *widths: int,
     return torch.as_tensor(counts, device=x.device).cumsum(0).to(torch.int32)
 
 
-def _views(t: Tensor, group: tuple[int, int, int, int]) -> Tensor:
-    """A group's rows of t [rows, ·] as [e1 - e0, C, ·]."""
-    e0, e1, C, r0 = group
-    return t[r0:r0 + (e1 - e0) * C].view(e1 - e0, C, t.shape[1])
-
-
 def _row_matmul(a: Tensor, w: Tensor, layout: RowLayout, transpose: bool = False, bias: Tensor | None = None) -> Tensor:
-    """[rows, ·]: the rows of each expert times its w[p] (w[p]ᵀ with `transpose`), plus its bias[p]
-    when given, for w [E, ·, ·] and bias [E, ·] in layout order; zero on the rows past layout.used."""
+    """[N, ·]: the rows of each expert times its w[e] (w[e]ᵀ with `transpose`), plus its bias[e]
+    when given, for w [E, ·, ·] and bias [E, ·]."""
     w = w.transpose(1, 2) if transpose else w
     if layout.offs is not None:
         y = rows_times_experts(a, w, layout.counts, bias)  # the experts over the threads, where it runs
@@ -357,27 +176,25 @@ def _row_matmul(a: Tensor, w: Tensor, layout: RowLayout, transpose: bool = False
         out = torch._grouped_mm(a, w, offs=layout.offs)
     else:
         out = a.new_empty(a.shape[0], w.shape[-1])
-        for g in layout.groups:
-            e0, e1, C, r0 = g
-            if C and e1 - e0 == 1:  # mm, not a bmm of one: bmm parallelises over the batch only
-                torch.mm(a[r0:r0 + C], w[e0], out=out[r0:r0 + C])
-            elif C:
-                torch.bmm(_views(a, g), w[e0:e1], out=_views(out, g))
-        out[layout.used:].zero_()
+        for e, (n, r0) in enumerate(zip(layout.counts, layout.starts)):
+            if n:
+                torch.mm(a[r0:r0 + n], w[e], out=out[r0:r0 + n])
     return out if bias is None else _add_bias(out, bias, layout)
 
 
+# From this many experts the biases are gathered to the rows and added in one call (below: one add per expert).
+BIAS_GATHER_EXPERTS = 8
+
+
 def _add_bias(y: Tensor, b: Tensor, layout: RowLayout) -> Tensor:
-    """y [rows, ·] with b[p] added to the rows of layout position p, in place. Group by group for a
-    padded layout (few groups, and a gathered [rows, ·] bias would be a temporary as large as y);
-    with a GEMM per expert (as many groups as experts, an add of a few rows a call) the rows'
-    biases gathered and added in two calls: at the default preset's shape (64 experts) 0.2-0.3
-    ms against about 1 ms."""
-    if layout.dest is None and len(layout.groups) > PAD_GROUP:
+    """y [N, ·] with b[e] added to the rows of expert e, in place: with many experts (an add of a
+    few rows a call) the rows' biases gathered and added in two calls (at the default preset's
+    shape, 64 experts: 0.2-0.3 ms against about 1 ms), else one add per expert."""
+    if len(layout.counts) > BIAS_GATHER_EXPERTS:
         return y.add_(b.index_select(0, layout.row_expert))
-    for g in layout.groups:
-        if g[2]:
-            _views(y, g).add_(b[g[0]:g[1]].unsqueeze(1))
+    for e, (n, r0) in enumerate(zip(layout.counts, layout.starts)):
+        if n:
+            y[r0:r0 + n].add_(b[e])
     return y
 
 
@@ -387,19 +204,18 @@ CHUNK_BYTES = 4 << 20
 
 def _weight_grad(a: Tensor, g: Tensor, layout: RowLayout, out: Tensor | None,
                  bias: bool = False) -> tuple[Tensor, Tensor | None]:
-    """([E, ·, ·] in layout order: Σ over the rows of position p of a[rows]ᵀ · g[rows] (zero for an
-    expert without rows), and with `bias` the gradient of a bias added to those rows, [E, ·] in
-    natural order: Σ over the rows of expert e of g[rows]). The weight gradient is written into
+    """([E, ·, ·]: Σ over the rows of expert e of a[rows]ᵀ · g[rows] (zero for an expert without
+    rows), and with `bias` the gradient of a bias added to those rows, [E, ·]: Σ over the rows of
+    expert e of g[rows]). The weight gradient is written into
     `out` when given (then with torch._grouped_mm, which has no `out=`, a quarter of the experts at
     a time where the stack exceeds CHUNK_BYTES: a whole stack-sized temporary raised SaMoE's peak
-    memory by 2%; below, the three calls a chunk makes cost more than the temporary). A group whose
-    positions an earlier group wrote (a level above the first) adds to them."""
+    memory by 2%; below, the three calls a chunk makes cost more than the temporary)."""
     offs, counts = layout.offs, layout.counts
     if offs is not None:  # the experts over the threads, both gradients in one pass (moe/expert_gemm.py)
         gb = g.new_empty(len(counts), g.shape[1]) if bias else None
         if (native := weight_grads(a, g, counts, out, gb)) is not None:
             return native, gb
-    # the bias's gradient: one segment sum over the rows' expert ids (padding rows have zero gradients)
+    # the bias's gradient: one segment sum over the rows' expert ids
     gb = g.new_zeros(len(counts), g.shape[1]).index_add_(0, layout.row_expert, g) if bias else None
     if offs is not None and out is not None and out.numel() * out.element_size() <= CHUNK_BYTES:
         return out.copy_(torch._grouped_mm(a.t(), g, offs=offs)), gb
@@ -412,104 +228,77 @@ def _weight_grad(a: Tensor, g: Tensor, layout: RowLayout, out: Tensor | None,
             out[s:s + step].copy_(torch._grouped_mm(a[r0:r1].t(), g[r0:r1], offs=offs[s:s + step] - r0))
         return out, gb
     out = a.new_empty(len(counts), a.shape[1], g.shape[1]) if out is None else out
-    done = 0  # positions [0, done) written
-    for grp in layout.groups:
-        e0, e1, C, r0 = grp
-        write = e0 >= done
-        if C and e1 - e0 == 1:
-            at, gv = a[r0:r0 + C].t(), g[r0:r0 + C]
-            if write:
-                torch.mm(at, gv, out=out[e0])
-            else:
-                out[e0].addmm_(at, gv)
-        elif C:
-            at, gv = _views(a, grp).transpose(1, 2), _views(g, grp)
-            if write:
-                torch.bmm(at, gv, out=out[e0:e1])
-            else:
-                out[e0:e1].baddbmm_(at, gv)
-        elif write:
-            out[e0:e1].zero_()
-        done = max(done, e1)
-    out[done:].zero_()
+    for e, (n, r0) in enumerate(zip(counts, layout.starts)):
+        if n:
+            torch.mm(a[r0:r0 + n].t(), g[r0:r0 + n], out=out[e])
+        else:
+            out[e].zero_()
     return out, gb
 
 
 class GroupedExpertFFN(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, counts, activation, layout, coef, w1, b1, w2, b2):
+    def forward(ctx, x, counts, activation, coef, w1, b1, w2, b2):
         dev = x.device.type
         dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         with torch.autocast(dev, enabled=False):
-            xc = x.to(dtype)
-            # given a layout, x and y are in its rows; else x is in sorted rows, padded here if
-            # row_layout pads, and y comes back in sorted rows
-            ctx.own_layout = layout is None
-            if layout is None:
-                layout = row_layout(xc, counts, w1.shape[-1], w2.shape[-2])
-            xp = layout.pad(xc) if ctx.own_layout else xc
-            W1, B1 = (layout.take(_combine(w, coef, dtype)) for w in (w1, b1))
-            h = _row_matmul(xp, W1, layout, bias=B1)
-            del W1
-            a = activate(h, activation)
-            W2, B2 = (layout.take(_combine(w, coef, dtype)) for w in (w2, b2))
-            y = _row_matmul(a, W2, layout, bias=B2)
-            y = layout.unpad(y) if ctx.own_layout else y
-        ctx.save_for_backward(xp, h, coef, w1, b1, w2, b2)
+            x_ND = x.to(dtype)
+            layout = row_layout(x_ND, counts, w1.shape[-1], w2.shape[-2])
+            w1_EDH, b1_EH = (_combine(w, coef, dtype) for w in (w1, b1))
+            h_NH = _row_matmul(x_ND, w1_EDH, layout, bias=b1_EH)
+            del w1_EDH
+            a_NF = activate(h_NH, activation)
+            w2_EFD, b2_ED = (_combine(w, coef, dtype) for w in (w2, b2))
+            y_ND = _row_matmul(a_NF, w2_EFD, layout, bias=b2_ED)
+        ctx.save_for_backward(x_ND, h_NH, coef, w1, b1, w2, b2)
         ctx.layout, ctx.activation, ctx.x_dtype = layout, activation, x.dtype
-        return y
+        return y_ND
 
     @staticmethod
-    def backward(ctx, gy):
-        xp, h, coef, w1, b1, w2, b2 = ctx.saved_tensors
+    def backward(ctx, grad_y_ND):
+        x_ND, h_NH, coef, w1, b1, w2, b2 = ctx.saved_tensors
         layout = ctx.layout
-        dtype = xp.dtype
-        # the grouped GEMM needs real strides (a sum's gradient is expanded). Rows padded here get
-        # zero gradients; so must a given layout's padding rows (their gates are zero), as the
-        # weight gradients sum over all rows
-        gy = gy.to(dtype).contiguous()
-        gy = layout.pad(gy) if ctx.own_layout else gy
-        gcoef = torch.zeros_like(coef) if coef is not None else None
+        dtype = x_ND.dtype
+        grad_y_ND = grad_y_ND.to(dtype).contiguous()  # the grouped GEMM needs real strides (a sum's is expanded)
+        grad_coef = torch.zeros_like(coef) if coef is not None else None
 
         def pool_grad(w: Tensor) -> Tensor | None:
-            """A pool of the compute dtype in natural order: its gradient buffer, whose slice 0
-            takes the experts' gradient ∂L/∂W first, so no other stack-sized buffer is needed
-            (_source_grad then scales it in place). Else None: ∂L/∂W gets a buffer of its own."""
-            return torch.empty_like(w) if coef is not None and w.dtype == dtype and layout.perm is None else None
+            """A pool of the compute dtype: its gradient buffer, whose slice 0 takes the experts'
+            gradient ∂L/∂W first, so no other stack-sized buffer is needed (_source_grad then
+            scales it in place). Else None: ∂L/∂W gets a buffer of its own."""
+            return torch.empty_like(w) if coef is not None and w.dtype == dtype else None
 
-        with torch.autocast(xp.device.type, enabled=False):
+        with torch.autocast(x_ND.device.type, enabled=False):
             # pass 2 backwards: ∂L/∂a and W2's gradients, then the activation over all rows at once
-            a = activate(h, ctx.activation)
-            W2, out2 = layout.take(_combine(w2, coef, dtype)), pool_grad(w2)
-            ga = _row_matmul(gy, W2, layout, transpose=True)
+            a_NF = activate(h_NH, ctx.activation)
+            w2_EFD, out2 = _combine(w2, coef, dtype), pool_grad(w2)
+            grad_a_NF = _row_matmul(grad_y_ND, w2_EFD, layout, transpose=True)
             # the biases' gradients are skipped for the constant zero biases of `bias: false` (which
             # add nothing to ∂L/∂c either)
-            gW2, gB2 = _weight_grad(a, gy, layout, None if out2 is None else out2[0], ctx.needs_input_grad[8])
-            gW2 = layout.give_back(gW2)
-            del W2, a
-            gh = activation_backward(ga, h, ctx.activation)
-            del ga
-            gw2 = _source_grad(w2, coef, gcoef, gW2, out2)
-            del gW2, out2
+            grad_w2_EFD, grad_b2_ED = _weight_grad(a_NF, grad_y_ND, layout, None if out2 is None else out2[0],
+                                                   ctx.needs_input_grad[7])
+            del w2_EFD, a_NF
+            grad_h_NH = activation_backward(grad_a_NF, h_NH, ctx.activation)
+            del grad_a_NF
+            grad_w2 = _source_grad(w2, coef, grad_coef, grad_w2_EFD, out2)
+            del grad_w2_EFD, out2
             # pass 1 backwards: ∂L/∂x and W1's gradients
-            W1, out1 = layout.take(_combine(w1, coef, dtype)), pool_grad(w1)
-            gx = _row_matmul(gh, W1, layout, transpose=True)  # every row belongs to some expert
-            gx = layout.unpad(gx) if ctx.own_layout else gx
-            gW1, gB1 = _weight_grad(xp, gh, layout, None if out1 is None else out1[0], ctx.needs_input_grad[6])
-            gW1 = layout.give_back(gW1)
-            del W1
-            gw1 = _source_grad(w1, coef, gcoef, gW1, out1)
-            del gW1, out1
-            gb1, gb2 = (None if g is None else _source_grad(b, coef, gcoef, g) for b, g in ((b1, gB1), (b2, gB2)))
-        return gx.to(ctx.x_dtype), None, None, None, gcoef, gw1, gb1, gw2, gb2
+            w1_EDH, out1 = _combine(w1, coef, dtype), pool_grad(w1)
+            grad_x_ND = _row_matmul(grad_h_NH, w1_EDH, layout, transpose=True)  # every row belongs to some expert
+            grad_w1_EDH, grad_b1_EH = _weight_grad(x_ND, grad_h_NH, layout, None if out1 is None else out1[0],
+                                                   ctx.needs_input_grad[5])
+            del w1_EDH
+            grad_w1 = _source_grad(w1, coef, grad_coef, grad_w1_EDH, out1)
+            del grad_w1_EDH, out1
+            grad_b1, grad_b2 = (None if g is None else _source_grad(b, coef, grad_coef, g)
+                                for b, g in ((b1, grad_b1_EH), (b2, grad_b2_ED)))
+        return grad_x_ND.to(ctx.x_dtype), None, None, grad_coef, grad_w1, grad_b1, grad_w2, grad_b2
 
 
-def grouped_expert_ffn(x: Tensor, counts: list[int], source: ExpertSource, activation: str,
-                       layout: RowLayout | None = None) -> Tensor:
+def grouped_expert_ffn(x: Tensor, counts: list[int], source: ExpertSource, activation: str) -> Tensor:
     """y [N, d] for expert-sorted x [N, d] with counts[e] rows for expert e (row_layout chooses
-    how the GEMMs run). Given a `layout` (row_layout of these counts), x and y are in its rows
-    instead, [layout.rows, d], and padding rows must get zero output gradients."""
-    return GroupedExpertFFN.apply(x, counts, activation, layout, source.coef, *source.tensors())
+    how the GEMMs run)."""
+    return GroupedExpertFFN.apply(x, counts, activation, source.coef, *source.tensors())
 
 
 def gated_sum(x: Tensor, token: Tensor, gate: Tensor, y: Tensor) -> Tensor:
