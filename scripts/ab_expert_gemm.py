@@ -16,12 +16,13 @@ import sys
 import torch
 
 from samoe.bench.layers import Shape, fwd_bwd, moe_model, route_alike
-from samoe.bench.timing import interleaved_medians
-from samoe.bench.training import VARIANTS, train_step
+from samoe.bench.training import VARIANTS
 from samoe.config import load_config
+from samoe.ffn import FeedForward
 from samoe.malloc import keep_freed_memory
-from samoe.model.ffn import FeedForward
 from samoe.moe import expert_gemm
+from samoe.timing import interleaved_medians
+from samoe.train.synthetic import synthetic_step
 
 keep_freed_memory()
 if not expert_gemm.available():
@@ -94,7 +95,7 @@ elif what == "layer":
 else:
     fns = {}
     for name, overrides in VARIANTS.items():
-        step = train_step(load_config(preset=what, overrides=overrides))
+        step = synthetic_step(load_config(preset=what, overrides=overrides))
         fns.update({f"{name}{k}": f for k, f in both(step).items()} if name != "dense" else {"dense": step})
     t = interleaved_medians(fns, 7)
     print(json.dumps({k: round(t["dense"] / v, 3) for k, v in t.items() if k != "dense"}))

@@ -14,8 +14,9 @@ Checkouts that have samoe.malloc get the allocator setting every `samoe` verb ap
 import json
 import sys
 
-from samoe.bench.training import VARIANTS, train_step, training_throughput
+from samoe.bench.training import VARIANTS, training_throughput
 from samoe.config import load_config
+from samoe.train.synthetic import synthetic_step
 
 try:
     from samoe.malloc import keep_freed_memory
@@ -28,7 +29,7 @@ rates = training_throughput(preset, repeats=7)
 print(json.dumps({name: round(rates[f"{preset}_{name}_tokens_per_s"]) for name in VARIANTS}))
 if "--profile" in sys.argv:
     from torch.profiler import ProfilerActivity, profile
-    step = train_step(load_config(preset=preset, overrides=VARIANTS["moe"]))
+    step = synthetic_step(load_config(preset=preset, overrides=VARIANTS["moe"]))
     for _ in range(3):
         step()
     with profile(activities=[ProfilerActivity.CPU]) as prof:

@@ -13,8 +13,8 @@ at a time. Median of 15 interleaved repeats (samoe.bench.timing), in ms.
 
 import torch
 
-from samoe.bench.timing import interleaved_medians
 from samoe.malloc import keep_freed_memory
+from samoe.timing import interleaved_medians
 
 SHAPES = ((64, 128, 128, 64), (16, 128, 256, 1024), (64, 32, 256, 1024), (32, 256, 128, 128))
 

@@ -37,7 +37,7 @@ sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 from samoe.bench.layers import Shape, fwd_bwd, moe_model  # noqa: E402
 from samoe.config import load_config  # noqa: E402
-from samoe.model.ffn import FeedForward  # noqa: E402
+from samoe.ffn import FeedForward  # noqa: E402
 from samoe.model.gpt import GPT  # noqa: E402
 from samoe.moe import grouped  # noqa: E402
 from samoe.moe.grouped import ExpertSource, grouped_expert_ffn  # noqa: E402

@@ -32,12 +32,12 @@ import json
 import torch
 
 from samoe.bench.layers import gemm_floor
-from samoe.bench.timing import interleaved_medians
-from samoe.bench.training import train_step
 from samoe.config import expert_hidden, ffn_hidden, load_config, router_top_k
+from samoe.ffn import FeedForward
 from samoe.malloc import keep_freed_memory
-from samoe.model.ffn import FeedForward
 from samoe.model.gpt import GPT
+from samoe.timing import interleaved_medians
+from samoe.train.synthetic import synthetic_step
 
 
 def main() -> None:
@@ -111,7 +111,7 @@ def main() -> None:
              "router_min": router_min,
              "gemms": gemm_floor(T, d, h, E, k, batched=True),
              "gemms_per_expert": gemm_floor(T, d, h, E, k), "rows": rows, "act": act,
-             "dense_step": train_step(dense_cfg), "moe_step": train_step(cfg)}
+             "dense_step": synthetic_step(dense_cfg), "moe_step": synthetic_step(cfg)}
     t = {name: s * 1e3 for name, s in interleaved_medians(cases, repeats, sample_s=0.02).items()}
     floor = t["shared"] + t["router"] + t["gemms"] + t["rows"] + t["act"]
     L = sum(1 for _ in model.moe_layers())

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
+from samoe.checkpoint import save_checkpoint
 from samoe.cli import main
 from samoe.config import load_config, save_config
 from samoe.data.tokenizer import ByteTokenizer
 from samoe.model.gpt import GPT
-from samoe.train.checkpoint import save_checkpoint
 
 WORDS = ("the expert router sends each token to one layer of a pool shared across depth while "
          "gradients flow back through gates and weights so that training may learn which "

@@ -14,11 +14,13 @@ import time
 import pytest
 import torch
 
-from samoe.bench import layers, peers, suite, timing, training
+from samoe import timing as samoe_timing
+from samoe.bench import layers, peers, suite, training
 from samoe.bench.layers import Shape, layer_ratios
-from samoe.bench.timing import interleaved_medians, peak_rss_mib, run_isolated
+from samoe.bench.timing import peak_rss_mib, run_isolated
 from samoe.cli import main
 from samoe.moe import expert_gemm
+from samoe.timing import interleaved_medians
 
 
 class FakeClock:
@@ -41,7 +43,7 @@ class FakeClock:
 
 def test_interleaved_medians_are_medians_of_the_repeats_after_warmup_in_round_robin(monkeypatch):
     clock, calls = FakeClock(), []
-    monkeypatch.setattr(timing.time, "perf_counter", clock)  # time.perf_counter, restored after
+    monkeypatch.setattr(samoe_timing.time, "perf_counter", clock)  # time.perf_counter, restored after
     # warm-up calls are slow and must not count; the medians of the repeats are 3 and 20
     t = interleaved_medians({"a": clock.case("a", [100, 100, 1, 5, 3], calls),
                              "b": clock.case("b", [50, 50, 20, 10, 30], calls)}, repeats=3, warmup=2)
@@ -64,7 +66,7 @@ def test_layer_ratios_have_stable_names():
 
 def test_with_sample_s_each_sample_is_calls_in_a_row_sized_by_the_last_warm_up_and_divided_back(monkeypatch):
     clock, calls = FakeClock(), []
-    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(samoe_timing.time, "perf_counter", clock)
     # warm-ups of 9 and 2 units: samples of round(10 / 2) = 5 calls; "b" (20 units) keeps 1
     a = clock.case("a", [9, 2] + [1, 1, 1, 1, 6] + [3] * 5 + [2] * 5, calls)
     b = clock.case("b", [20, 20, 30, 10, 40], calls)
@@ -134,7 +136,7 @@ def test_training_shapes_report_every_layout_with_its_floor_and_bounds():
 
 def test_peer_comparison_records_a_skipped_peer_and_divides_the_peer_time_by_ours(monkeypatch):
     clock, calls = FakeClock(), []
-    monkeypatch.setattr(timing.time, "perf_counter", clock)  # time.perf_counter, restored after
+    monkeypatch.setattr(samoe_timing.time, "perf_counter", clock)  # time.perf_counter, restored after
 
     def missing(shape, E):
         raise ModuleNotFoundError("No module named 'nopeer'", name="nopeer")
@@ -167,7 +169,7 @@ def test_a_peer_comparison_call_leaves_no_gradients_behind_as_an_optimiser_step_
 
 def test_each_side_of_a_peer_comparison_is_also_timed_against_the_dense_ffn_of_our_layers_shape(monkeypatch):
     clock, calls, built = FakeClock(), [], []
-    monkeypatch.setattr(timing.time, "perf_counter", clock)
+    monkeypatch.setattr(samoe_timing.time, "perf_counter", clock)
     model = layers.moe_model(Shape(tokens=4, d_model=8, hidden=12, activation="swiglu"), 2)
 
     class Dense(torch.nn.Module):  # the FFN of our shape, taking 4 time units a call

@@ -27,13 +27,13 @@ from helpers import read_metrics, write_corpus
 from samoe.analysis import gradflow
 from samoe.config import load_config
 from samoe.data.dataset import TokenStream
-from samoe.eval.perplexity import evaluate
 from samoe.model.gpt import GPT
 from samoe.moe.dispatch import record_moe
 from samoe.moe.expert_parallel import take_shard
 from samoe.train import distributed
 from samoe.train.loop import new_trainer
 from samoe.train.optim import build_optimizer
+from samoe.train.perplexity import evaluate
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -260,7 +260,7 @@ def test_checkpoints_move_between_process_counts(runs, tmp_path, src, resume_wit
 
 def test_checkpoint_holds_the_full_model_and_optimizer(runs):
     _, _, _, out = runs
-    from samoe.train.checkpoint import load_checkpoint
+    from samoe.checkpoint import load_checkpoint
 
     cfg = load_config(out["ep2"] / "config.yaml")
     model = GPT(cfg.model)

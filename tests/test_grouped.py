@@ -9,7 +9,7 @@ import torch
 import samoe.moe.dispatch as dispatch_mod
 import samoe.moe.grouped as grouped_mod
 from samoe.config import load_config
-from samoe.model.ffn import activate
+from samoe.ffn import activate
 from samoe.model.gpt import GPT
 from samoe.moe import expert_gemm
 from samoe.moe.grouped import ExpertSource, grouped_expert_ffn, grouped_gemm_offsets, row_layout

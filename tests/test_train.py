@@ -13,12 +13,12 @@ import pytest
 import torch
 
 from helpers import assert_user_error, read_metrics, run_cli, tiny_args
+from samoe import checkpoint
+from samoe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from samoe.cli import main
 from samoe.config import load_config
 from samoe.errors import CheckpointError
 from samoe.model.gpt import GPT
-from samoe.train import checkpoint
-from samoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from samoe.train.optim import build_optimizer, decays, lr_at, set_lr
 
 GOLDEN = Path(__file__).parent / "golden" / "tiny_losses.json"
@@ -75,7 +75,7 @@ import os, signal, sys, torch
 from samoe.config import load_config
 from samoe.errors import CheckpointError
 from samoe.model.gpt import GPT
-from samoe.train import checkpoint
+from samoe import checkpoint
 model = GPT(load_config(preset="tiny").model)
 real_save = torch.save
 def dying_save(obj, f, *a, **k):

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from helpers import assert_user_error, make_run, run_cli
+from samoe.checkpoint import latest_checkpoint, load_checkpoint
 from samoe.config import load_config
 from samoe.data.tokenizer import load_tokenizer
 from samoe.errors import UpcycleError
 from samoe.model.gpt import GPT
-from samoe.train.checkpoint import latest_checkpoint, load_checkpoint
 from samoe.train.upcycle import load_dense_source, upcycle
 
 X = torch.randint(0, 257, (2, 20), generator=torch.Generator().manual_seed(3))

@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from helpers import assert_user_error, run_cli
+from samoe.checkpoint import save_checkpoint
 from samoe.config import load_config, save_config
 from samoe.data.tokenizer import BPETokenizer, ByteTokenizer
 from samoe.eval import tasks
@@ -26,7 +27,6 @@ from samoe.eval.tasks import Item, Task
 from samoe.eval.zeroshot import Scorer, evaluate_task, load_scorer, mean_stderr, task_metrics
 from samoe.model.gpt import GPT
 from samoe.runs import load_trained
-from samoe.train.checkpoint import save_checkpoint
 
 BLOCK = 16
 # A capacity small enough that tokens are dropped: batched scoring would differ without dropless routing.

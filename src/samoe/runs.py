@@ -1,11 +1,11 @@
 """A run directory: its file names and readers, its config, the device and autocast it runs
 with, and loading a trained run. It sits below train, eval, analysis and study (which all
-read runs) and above model and train/checkpoint.py (the checkpoint format).
+read runs) and above model and checkpoint.py (the checkpoint format).
 
     run_dir/config.yaml        resolved config (vocab size set from the tokenizer, data path absolute)
     run_dir/tokenizer.json     the tokenizer trained on the training split
     run_dir/metrics.jsonl      one JSON object per logged step (val_* on evaluation steps)
-    run_dir/checkpoints/       see train/checkpoint.py
+    run_dir/checkpoints/       see checkpoint.py
     run_dir/summary.json       parameter counts, tokens, training FLOPs and PF-days, wall time, final
                                validation metrics
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
+from samoe.checkpoint import latest_checkpoint, load_checkpoint
 from samoe.config import Config, load_config
 from samoe.data.tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, load_tokenizer
 from samoe.errors import CheckpointError
 from samoe.model.gpt import GPT
-from samoe.train.checkpoint import latest_checkpoint, load_checkpoint
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE = "config.yaml", "metrics.jsonl", "summary.json"
 

@@ -14,11 +14,11 @@ import torch
 from samoe.analysis import gradflow
 from samoe.analysis.experts import analyze_experts
 from samoe.analysis.experts import format_report as format_experts
-from samoe.analysis.flops import flops_report, format_matched, write_matched
-from samoe.analysis.flops import format_report as format_flops
-from samoe.analysis.params import count_config_params, format_params
 from samoe.config import Config, load_config, preset_names
 from samoe.errors import UserError
+from samoe.model.flops import flops_report, format_matched, write_matched
+from samoe.model.flops import format_report as format_flops
+from samoe.model.params import count_config_params, format_params
 from samoe.runs import load_run_config
 from samoe.verbs import Verb, config_args
 

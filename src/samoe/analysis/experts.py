@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from samoe.analysis.gradflow import routing_counts
+from samoe.checkpoint import latest_checkpoint
 from samoe.config import micro_batch
 from samoe.data.prepare import load_splits
 from samoe.errors import UserError
@@ -39,7 +40,6 @@ from samoe.moe.dispatch import record_moe
 from samoe.moe.experts import PoolMixture
 from samoe.plots import pyplot, save_png
 from samoe.runs import load_run_config, load_trained
-from samoe.train.checkpoint import latest_checkpoint
 
 
 def cosine_matrix(tensors) -> np.ndarray:

@@ -74,18 +74,18 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from samoe.checkpoint import latest_checkpoint, load_checkpoint
 from samoe.config import ROUTERS, SHARING, Config, from_dict, load_config, micro_batch, to_dict
 from samoe.data.prepare import load_splits
 from samoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from samoe.errors import ConfigError, UserError
-from samoe.eval.perplexity import evaluate
 from samoe.fileio import write_text_atomic
 from samoe.model.gpt import GPT
 from samoe.moe.dispatch import MoERecord, record_moe
 from samoe.plots import pyplot, save_png
 from samoe.runs import load_run_config
-from samoe.train.checkpoint import latest_checkpoint, load_checkpoint
 from samoe.train.loop import StepHook, Trainer, new_trainer, restore_state, train_step
+from samoe.train.perplexity import evaluate
 
 DEFAULT_ROUTERS = ("switch", "gshard", "base", "hash")
 DEFAULT_EXPERTS = (4, 8, 16, 32, 64)

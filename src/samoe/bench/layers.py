@@ -12,11 +12,11 @@ from typing import Callable
 
 import torch
 
-from samoe.bench.timing import interleaved_medians
 from samoe.config import load_config
-from samoe.model.ffn import FeedForward
+from samoe.ffn import FeedForward
 from samoe.model.gpt import GPT
 from samoe.moe.expert_gemm import rows_times_experts, runs_on, weight_grads
+from samoe.timing import interleaved_medians
 
 
 @dataclass

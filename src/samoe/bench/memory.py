@@ -10,14 +10,15 @@ import sys
 import torch
 
 from samoe.bench.timing import peak_rss_mib
-from samoe.bench.training import MEMORY_SHAPE, VARIANTS, train_step
+from samoe.bench.training import MEMORY_SHAPE, VARIANTS
 from samoe.config import load_config
+from samoe.train.synthetic import synthetic_step
 
 if __name__ == "__main__":
     torch.manual_seed(0)
     cfg = load_config(overrides=MEMORY_SHAPE + VARIANTS[sys.argv[1]])
     base = peak_rss_mib()
-    step = train_step(cfg, int(sys.argv[2]))
+    step = synthetic_step(cfg, int(sys.argv[2]))
     step()
     step()
     print(json.dumps({"peak_mib": peak_rss_mib() - base}))

@@ -30,9 +30,9 @@ import sys
 import torch
 
 from samoe.bench.layers import Shape, fwd_bwd, moe_model
-from samoe.bench.timing import interleaved_medians
+from samoe.ffn import FeedForward
 from samoe.malloc import keep_freed_memory
-from samoe.model.ffn import FeedForward
+from samoe.timing import interleaved_medians
 
 CAPACITY_FACTOR = 1.25
 

@@ -5,29 +5,13 @@ from __future__ import annotations
 
 import torch
 
-from samoe.bench.timing import interleaved_medians, run_isolated
+from samoe.bench.timing import run_isolated
 from samoe.config import load_config
-from samoe.model.gpt import GPT
-from samoe.train.optim import build_optimizer
+from samoe.timing import interleaved_medians
+from samoe.train.synthetic import synthetic_step
 
 VARIANTS = {"samoe": ["model.moe.sharing=pool"], "moe": ["model.moe.sharing=private"],
             "dense": ["model.moe.enabled=false"]}
-
-
-def train_step(cfg, batch_size: int | None = None):
-    """A closure running one optimiser step of a fresh model on random tokens."""
-    torch.manual_seed(0)
-    model = GPT(cfg.model)
-    opt = build_optimizer(model, cfg.train)
-    B = batch_size or cfg.train.batch_size
-    idx = torch.randint(0, cfg.model.vocab_size, (B, cfg.model.block_size + 1))
-
-    def step():
-        out = model(idx[:, :-1], idx[:, 1:])
-        (out.loss + out.aux_loss).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
 
 
 def training_throughput(preset: str, repeats: int = 5, threads: int | None = None) -> dict[str, float]:
@@ -40,7 +24,7 @@ def training_throughput(preset: str, repeats: int = 5, threads: int | None = Non
     try:
         # steps in a row, as training runs them (a sample of about 50 ms: one step of `default`, 4-6 of
         # `tiny`, whose lone steps measured each variant in the caches the others left)
-        t = interleaved_medians({name: train_step(cfg) for name, cfg in cfgs.items()}, repeats, sample_s=0.05)
+        t = interleaved_medians({name: synthetic_step(cfg) for name, cfg in cfgs.items()}, repeats, sample_s=0.05)
     finally:
         torch.set_num_threads(before)
     key = preset if threads is None else f"{preset}_{threads}t"

@@ -6,8 +6,8 @@ from __future__ import annotations
 from samoe.config import micro_batch
 from samoe.data.prepare import load_eval_stream, load_splits
 from samoe.errors import UserError
-from samoe.eval.perplexity import evaluate
 from samoe.runs import autocast_for, load_trained
+from samoe.train.perplexity import evaluate
 
 RUN_DEFAULT = "run"  # max_tokens: the run's own train.eval_tokens, from its train.eval_windows
 

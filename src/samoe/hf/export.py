@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from samoe.checkpoint import latest_checkpoint, load_checkpoint
 from samoe.config import (
     ROUTER_KINDS,
     ModelConfig,
@@ -45,7 +46,6 @@ from samoe.hf.tensors import materialized, model_tensors
 from samoe.hf.tokenizer import tokenizer_files
 from samoe.model.gpt import GPT
 from samoe.runs import CONFIG_FILE
-from samoe.train.checkpoint import latest_checkpoint, load_checkpoint
 
 FORMATS = ("samoe-hf", *STOCK_FORMATS)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from samoe.config import ModelConfig, expert_hidden, experts_per_layer, ffn_hidden, moe_layer_ids, residual_hidden
-from samoe.model.ffn import FeedForward, make_norm
+from samoe.ffn import FeedForward, make_norm
 from samoe.moe.dispatch import LocalDispatcher
 from samoe.moe.expert_parallel import ExpertParallel, ExpertParallelDispatcher
 from samoe.moe.experts import ExpertWeights, PoolMixture, SharedBank

@@ -49,7 +49,7 @@ from itertools import accumulate
 import torch
 from torch import Tensor
 
-from samoe.model.ffn import activate
+from samoe.ffn import activate
 from samoe.moe.expert_gemm import rows_times_experts, weight_grads
 
 

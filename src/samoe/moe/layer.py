@@ -16,7 +16,7 @@ import dataclasses
 import torch
 from torch import Tensor, nn
 
-from samoe.model.ffn import FeedForward
+from samoe.ffn import FeedForward
 from samoe.moe.dispatch import Dispatcher, LocalDispatcher
 from samoe.moe.routers import Routing
 

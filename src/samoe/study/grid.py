@@ -37,14 +37,14 @@ from pathlib import Path
 import torch
 import yaml
 
-from samoe.analysis.flops import flops_report
-from samoe.analysis.params import count_config_params
-from samoe.bench.timing import interleaved_medians
-from samoe.bench.training import train_step
+from samoe.checkpoint import LATEST
 from samoe.config import Config, load_config
 from samoe.errors import ConfigError, UserError
+from samoe.model.flops import flops_report
+from samoe.model.params import count_config_params
 from samoe.runs import METRICS_FILE, SUMMARY_FILE, read_json, read_metrics
-from samoe.train.checkpoint import LATEST
+from samoe.timing import interleaved_medians
+from samoe.train.synthetic import synthetic_step
 
 
 @dataclass
@@ -184,7 +184,7 @@ def measure_speed(cells: list[Cell], threads: int, repeats: int = 7) -> dict:
         arms = {}
         for c in cells:
             arms.setdefault(c.name.rsplit("/", 1)[0], c)
-        steps = {name: train_step(c.cfg) for name, c in arms.items()}
+        steps = {name: synthetic_step(c.cfg) for name, c in arms.items()}
         seconds = interleaved_medians(steps, repeats)
     finally:
         torch.set_num_threads(before)

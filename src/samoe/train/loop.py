@@ -27,19 +27,18 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from samoe.analysis.flops import run_summary_flops
-from samoe.analysis.params import count_config_params
+from samoe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_error
 from samoe.config import Config, micro_batch, save_config
 from samoe.data.dataset import TokenStream
 from samoe.data.prepare import Splits, load_splits
 from samoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from samoe.errors import CheckpointError
-from samoe.eval.perplexity import evaluate
 from samoe.fileio import write_text_atomic
 from samoe.malloc import release_freed_memory
+from samoe.model.flops import run_summary_flops
 from samoe.model.gpt import GPT, GPTOutput
+from samoe.model.params import count_config_params
 from samoe.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, autocast_for, resolve_device
-from samoe.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_error
 from samoe.train.distributed import (
     Layout,
     all_mean,
@@ -62,6 +61,7 @@ from samoe.train.distributed import (
     wrap_ddp,
 )
 from samoe.train.optim import build_optimizer, lr_at, set_lr
+from samoe.train.perplexity import evaluate
 from samoe.train.tracking import Trackers, check_installed
 from samoe.train.upcycle import check_fits as check_upcycle_fits
 from samoe.train.upcycle import load_dense_source, upcycle

@@ -32,6 +32,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 
+from samoe.checkpoint import latest_checkpoint, load_checkpoint
 from samoe.config import (
     ModelConfig,
     expert_hidden,
@@ -47,7 +48,6 @@ from samoe.hf.llama import MODEL_TYPES as HF_MODEL_TYPES
 from samoe.hf.llama import load_llama
 from samoe.model.gpt import GPT
 from samoe.runs import CONFIG_FILE
-from samoe.train.checkpoint import latest_checkpoint, load_checkpoint
 
 FRESH = (".router.", ".coef_logits", ".residual_coef.")  # tensors an upcycled model does not take over
 BACKBONE = ("block_size", "n_layers", "n_heads", "d_model", "activation", "positions", "rope_base", "norm",

@@ -35,7 +35,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-from samoe.analysis.params import count_config_params
 from samoe.config import (
     ROUTER_KINDS,
     Config,
@@ -52,6 +51,7 @@ from samoe.config import (
     save_config,
 )
 from samoe.errors import ConfigError
+from samoe.model.params import count_config_params
 from samoe.moe.routers import capacity
 
 PF_DAY = 1e15 * 86400  # 8.64e19 FLOPs
