@@ -17,7 +17,7 @@ import torch
 
 from samoe.bench.layers import Shape, fwd_bwd, moe_model, route_alike
 from samoe.bench.training import VARIANTS
-from samoe.config import load_config
+from samoe.config_load import load_config
 from samoe.ffn import FeedForward
 from samoe.malloc import keep_freed_memory
 from samoe.moe import expert_gemm

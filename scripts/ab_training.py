@@ -15,7 +15,7 @@ import json
 import sys
 
 from samoe.bench.training import VARIANTS, training_throughput
-from samoe.config import load_config
+from samoe.config_load import load_config
 from samoe.train.synthetic import synthetic_step
 
 try:

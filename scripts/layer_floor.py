@@ -32,7 +32,8 @@ import json
 import torch
 
 from samoe.bench.layers import gemm_floor
-from samoe.config import expert_hidden, ffn_hidden, load_config, router_top_k
+from samoe.config import expert_hidden, ffn_hidden, router_top_k
+from samoe.config_load import load_config
 from samoe.ffn import FeedForward
 from samoe.malloc import keep_freed_memory
 from samoe.model.gpt import GPT

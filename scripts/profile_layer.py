@@ -15,7 +15,7 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from samoe.config import load_config
+from samoe.config_load import load_config
 from samoe.malloc import keep_freed_memory
 from samoe.model.gpt import GPT
 

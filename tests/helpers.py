@@ -14,7 +14,7 @@ import torch
 
 from samoe.checkpoint import save_checkpoint
 from samoe.cli import main
-from samoe.config import load_config, save_config
+from samoe.config_load import load_config, save_config
 from samoe.data.tokenizer import ByteTokenizer
 from samoe.model.gpt import GPT
 

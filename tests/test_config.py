@@ -5,21 +5,8 @@ import dataclasses
 
 import pytest
 
-from samoe.config import (
-    Config,
-    ModelConfig,
-    MoEConfig,
-    experts_per_layer,
-    field_paths,
-    from_dict,
-    load_config,
-    moe_layer_ids,
-    preset_names,
-    router_top_k,
-    save_config,
-    to_dict,
-    validate,
-)
+from samoe.config import Config, ModelConfig, MoEConfig, experts_per_layer, moe_layer_ids, router_top_k
+from samoe.config_load import field_paths, from_dict, load_config, preset_names, save_config, to_dict, validate
 from samoe.errors import ConfigError, UserError
 
 

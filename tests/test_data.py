@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from samoe.config import CORPORA, load_config
+from samoe.config import CORPORA
+from samoe.config_load import load_config
 from samoe.data.corpus import (
     BUILTIN_CORPORA,
     load_corpus,

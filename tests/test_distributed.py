@@ -25,7 +25,7 @@ import torch.multiprocessing as mp
 
 from helpers import read_metrics, write_corpus
 from samoe.analysis import gradflow
-from samoe.config import load_config
+from samoe.config_load import load_config
 from samoe.data.dataset import TokenStream
 from samoe.model.gpt import GPT
 from samoe.moe.dispatch import record_moe

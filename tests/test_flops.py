@@ -11,7 +11,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from samoe.cli import main
-from samoe.config import load_config
+from samoe.config_load import load_config
 from samoe.model.flops import PF_DAY, flops_report, forward_flops, match_dense
 from samoe.model.gpt import GPT
 from samoe.model.params import count_config_params

@@ -11,7 +11,7 @@ import torch
 
 import samoe.analysis.gradflow as gf
 from helpers import assert_user_error, run_cli
-from samoe.config import load_config
+from samoe.config_load import load_config
 from samoe.model.gpt import GPT
 from samoe.moe.dispatch import record_moe
 

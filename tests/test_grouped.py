@@ -8,7 +8,7 @@ import torch
 
 import samoe.moe.dispatch as dispatch_mod
 import samoe.moe.grouped as grouped_mod
-from samoe.config import load_config
+from samoe.config_load import load_config
 from samoe.ffn import activate
 from samoe.model.gpt import GPT
 from samoe.moe import expert_gemm

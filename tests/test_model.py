@@ -5,7 +5,8 @@ hash routing is a fixed function of the token id in every layer."""
 import pytest
 import torch
 
-from samoe.config import ROUTERS, SHARING, load_config
+from samoe.config import ROUTERS, SHARING
+from samoe.config_load import load_config
 from samoe.model.gpt import GPT
 from samoe.moe.layer import MoEFeedForward
 from samoe.moe.routers import HashRouter

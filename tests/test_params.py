@@ -4,7 +4,7 @@ and the paper-scale claim (SaMoE K = 2 vs the 13B standard MoE) on the meta devi
 import pytest
 import torch
 
-from samoe.config import load_config
+from samoe.config_load import load_config
 from samoe.model.gpt import GPT
 from samoe.model.params import COMPONENTS, count_config_params, count_params, format_params
 

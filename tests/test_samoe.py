@@ -12,7 +12,8 @@ import copy
 import pytest
 import torch
 
-from samoe.config import Config, ModelConfig, MoEConfig, PoolConfig, moe_layer_ids, validate
+from samoe.config import Config, ModelConfig, MoEConfig, PoolConfig, moe_layer_ids
+from samoe.config_load import validate
 from samoe.model.gpt import GPT
 from samoe.moe.experts import PoolMixture, initial_coefficient_logits
 

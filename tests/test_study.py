@@ -18,7 +18,7 @@ import pytest
 
 from helpers import assert_user_error, make_study_run, run_cli
 from samoe.cli import main
-from samoe.config import load_config
+from samoe.config_load import load_config
 from samoe.data.options import PrepareOptions
 from samoe.data.pipeline import prepare_dataset
 from samoe.data.shards import read_meta

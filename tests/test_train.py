@@ -16,7 +16,7 @@ from helpers import assert_user_error, read_metrics, run_cli, tiny_args
 from samoe import checkpoint
 from samoe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from samoe.cli import main
-from samoe.config import load_config
+from samoe.config_load import load_config
 from samoe.errors import CheckpointError
 from samoe.model.gpt import GPT
 from samoe.train.optim import build_optimizer, decays, lr_at, set_lr
@@ -72,7 +72,7 @@ def test_sigkill_then_resume_logs_the_same_metrics_as_an_uninterrupted_run(tmp_p
 
 KILL_DURING_SAVE = """
 import os, signal, sys, torch
-from samoe.config import load_config
+from samoe.config_load import load_config
 from samoe.errors import CheckpointError
 from samoe.model.gpt import GPT
 from samoe import checkpoint

@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from samoe.config import MoEConfig, load_config
+from samoe.config import MoEConfig
+from samoe.config_load import load_config
 from samoe.errors import ConfigError
 from samoe.model.gpt import GPT
 from samoe.moe.routers import TopKRouter, pool_balance_loss

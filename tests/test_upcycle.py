@@ -11,7 +11,7 @@ import torch
 
 from helpers import assert_user_error, make_run, run_cli
 from samoe.checkpoint import latest_checkpoint, load_checkpoint
-from samoe.config import load_config
+from samoe.config_load import load_config
 from samoe.data.tokenizer import load_tokenizer
 from samoe.errors import UpcycleError
 from samoe.model.gpt import GPT

@@ -20,7 +20,7 @@ import yaml
 
 from helpers import assert_user_error, run_cli
 from samoe.checkpoint import save_checkpoint
-from samoe.config import load_config, save_config
+from samoe.config_load import load_config, save_config
 from samoe.data.tokenizer import BPETokenizer, ByteTokenizer
 from samoe.eval import tasks
 from samoe.eval.tasks import Item, Task

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from samoe.checkpoint import latest_checkpoint, load_checkpoint
-from samoe.config import Config, load_config
+from samoe.config import Config
+from samoe.config_load import load_config
 from samoe.data.tokenizer import TOKENIZER_FILE, BPETokenizer, ByteTokenizer, load_tokenizer
 from samoe.errors import CheckpointError
 from samoe.model.gpt import GPT

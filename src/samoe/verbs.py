@@ -12,7 +12,7 @@ import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from samoe.config import field_paths, preset_names
+from samoe.config_load import field_paths, preset_names
 from samoe.errors import UserError
 
 Handler = Callable[[argparse.Namespace], int]

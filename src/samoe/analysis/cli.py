@@ -14,7 +14,8 @@ import torch
 from samoe.analysis import gradflow
 from samoe.analysis.experts import analyze_experts
 from samoe.analysis.experts import format_report as format_experts
-from samoe.config import Config, load_config, preset_names
+from samoe.config import Config
+from samoe.config_load import load_config, preset_names
 from samoe.errors import UserError
 from samoe.model.flops import flops_report, format_matched, write_matched
 from samoe.model.flops import format_report as format_flops

@@ -75,7 +75,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from samoe.checkpoint import latest_checkpoint, load_checkpoint
-from samoe.config import ROUTERS, SHARING, Config, from_dict, load_config, micro_batch, to_dict
+from samoe.config import ROUTERS, SHARING, Config, micro_batch
+from samoe.config_load import from_dict, load_config, to_dict
 from samoe.data.prepare import load_splits
 from samoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from samoe.errors import ConfigError, UserError

@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-from samoe.config import load_config
+from samoe.config_load import load_config
 from samoe.ffn import FeedForward
 from samoe.model.gpt import GPT
 from samoe.moe.expert_gemm import rows_times_experts, runs_on, weight_grads

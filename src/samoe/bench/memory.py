@@ -11,7 +11,7 @@ import torch
 
 from samoe.bench.timing import peak_rss_mib
 from samoe.bench.training import MEMORY_SHAPE, VARIANTS
-from samoe.config import load_config
+from samoe.config_load import load_config
 from samoe.train.synthetic import synthetic_step
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from samoe.bench.timing import run_isolated
-from samoe.config import load_config
+from samoe.config_load import load_config
 from samoe.timing import interleaved_medians
 from samoe.train.synthetic import synthetic_step
 

@@ -33,11 +33,11 @@ from samoe.config import (
     expert_hidden,
     experts_per_layer,
     ffn_hidden,
-    load_config,
     moe_layer_ids,
     residual_hidden,
     router_top_k,
 )
+from samoe.config_load import load_config
 from samoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from samoe.errors import ExportError
 from samoe.hf.stock import FORMATS as STOCK_FORMATS

@@ -31,7 +31,8 @@ from safetensors import safe_open
 from tokenizers import Tokenizer
 from torch import Tensor
 
-from samoe.config import ModelConfig, from_dict
+from samoe.config import ModelConfig
+from samoe.config_load import from_dict
 from samoe.data.tokenizer import HF_TOKENIZER_CONFIG, TOKENIZER_FILE, BPETokenizer, hf_eos_token
 from samoe.errors import UpcycleError
 

@@ -43,13 +43,12 @@ from samoe.config import (
     experts_per_layer,
     fc1_width,
     ffn_hidden,
-    load_config,
     micro_batch,
     moe_layer_ids,
     residual_hidden,
     router_top_k,
-    save_config,
 )
+from samoe.config_load import load_config, save_config
 from samoe.errors import ConfigError
 from samoe.model.params import count_config_params
 from samoe.moe.routers import capacity

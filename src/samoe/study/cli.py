@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-from samoe.config import LOGGERS, load_config
+from samoe.config import LOGGERS
+from samoe.config_load import load_config
 from samoe.errors import UserError
 from samoe.fileio import write_text_atomic
 from samoe.study import grid as study

@@ -38,7 +38,8 @@ import torch
 import yaml
 
 from samoe.checkpoint import LATEST
-from samoe.config import Config, load_config
+from samoe.config import Config
+from samoe.config_load import load_config
 from samoe.errors import ConfigError, UserError
 from samoe.model.flops import flops_report
 from samoe.model.params import count_config_params

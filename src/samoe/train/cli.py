@@ -9,7 +9,7 @@ import os
 import time
 from pathlib import Path
 
-from samoe.config import load_config
+from samoe.config_load import load_config
 from samoe.errors import UserError
 from samoe.train.launch import is_main_process, launch, resume_config
 from samoe.train.loop import format_summary, train

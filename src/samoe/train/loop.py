@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from samoe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_error
-from samoe.config import Config, micro_batch, save_config
+from samoe.config import Config, micro_batch
+from samoe.config_load import save_config
 from samoe.data.dataset import TokenStream
 from samoe.data.prepare import Splits, load_splits
 from samoe.data.tokenizer import TOKENIZER_FILE, load_tokenizer

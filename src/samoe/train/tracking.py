@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from samoe.config import Config, to_dict
+from samoe.config import Config
+from samoe.config_load import to_dict
 from samoe.errors import ConfigError
 from samoe.fileio import write_text_atomic
 from samoe.model.gpt import GPT

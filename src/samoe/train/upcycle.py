@@ -33,15 +33,8 @@ from safetensors import safe_open
 from torch import Tensor
 
 from samoe.checkpoint import latest_checkpoint, load_checkpoint
-from samoe.config import (
-    ModelConfig,
-    expert_hidden,
-    ffn_hidden,
-    from_dict,
-    load_config,
-    moe_layer_ids,
-    residual_hidden,
-)
+from samoe.config import ModelConfig, expert_hidden, ffn_hidden, moe_layer_ids, residual_hidden
+from samoe.config_load import from_dict, load_config
 from samoe.data.tokenizer import TOKENIZER_FILE, ByteTokenizer, load_tokenizer
 from samoe.errors import UpcycleError
 from samoe.hf.llama import MODEL_TYPES as HF_MODEL_TYPES
