@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import samoe.analysis.gradflow as gf
+import samoe.analysis.gradstats as gradstats
 from helpers import assert_user_error, run_cli
 from samoe.config_load import load_config
 from samoe.model.gpt import GPT
@@ -34,7 +35,7 @@ def test_snr_accumulator_follows_its_definition():
     n, U, P = 4, 3, 50
     gs = [torch.randn(U, P) + torch.tensor([[0.0], [1.0], [5.0]]) for _ in range(n)]
     gs[0][0] = gs[1][0] = gs[2][0] = gs[3][0] = 0  # unit 0: no token in the step -> SNR undefined
-    acc = gf._SNRAccumulator(U, P)
+    acc = gradstats._SNRAccumulator(U, P)
     for g in gs:
         acc.add(g)
     acc.end_step()
@@ -55,7 +56,7 @@ def test_snr_accumulator_follows_its_definition():
 def test_snr_of_pure_noise_sits_at_its_floor():
     torch.manual_seed(1)
     n = 4
-    acc = gf._SNRAccumulator(200, 400)
+    acc = gradstats._SNRAccumulator(200, 400)
     for _ in range(n):
         acc.add(torch.randn(200, 400))
     acc.end_step()

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from samoe.analysis.gradflow import routing_counts
+from samoe.analysis.gradstats import routing_counts
 from samoe.checkpoint import latest_checkpoint
 from samoe.config import micro_batch
 from samoe.data.prepare import load_splits

@@ -12,7 +12,7 @@ from pathlib import Path
 from samoe.config_load import load_config
 from samoe.errors import UserError
 from samoe.train.launch import is_main_process, launch, resume_config
-from samoe.train.loop import format_summary, train
+from samoe.train.run import format_summary, train
 from samoe.verbs import config_args
 
 # everyday flags -> the config keys they set (after the positional overrides)
