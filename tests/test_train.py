@@ -238,3 +238,16 @@ def test_golden_curve_of_a_fixed_tiny_run(tmp_path, corpus):
         GOLDEN.parent.mkdir(exist_ok=True)
         GOLDEN.write_text(json.dumps(losses, indent=1) + "\n")
     assert losses == pytest.approx(json.loads(GOLDEN.read_text()), rel=1e-3)
+
+
+def test_a_full_disk_is_named_whichever_layer_reported_it(tmp_path, monkeypatch):
+    """torch.save's zip writer reports a full disk as "unexpected pos": the message still says the
+    disk is full, with the free space and what the checkpoint needs; other errors keep their own."""
+    monkeypatch.setattr(checkpoint, "_free_bytes", lambda path: 3_000_000)
+    torn = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1580416 vs 1580368")
+    message = str(checkpoint.write_error(tmp_path / "step-000004", torn, tmp_path, needed=9_000_000))
+    assert "No space left on device (3 MB free; the checkpoint needs about 9 MB)" in message
+    assert "unexpected pos" not in message and "no checkpoint had been written yet" in message
+    other = str(checkpoint.write_error(tmp_path / "step-000004", PermissionError(13, "Permission denied"), tmp_path,
+                                       needed=1_000_000))
+    assert "Permission denied" in other and "No space" not in other

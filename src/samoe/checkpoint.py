@@ -19,6 +19,7 @@ rather than silently wrong weights (safetensors and torch.load check neither).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -47,17 +48,49 @@ def save_checkpoint(run_dir: Path, step: int, weights: nn.Module | dict[str, Ten
     try:
         return _save(root, final, step, weights, state, keep)
     except (OSError, SafetensorError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        raise write_error(final, e, run_dir) from None
+        tensors = weights.state_dict() if isinstance(weights, nn.Module) else weights
+        raise write_error(final, e, run_dir, _nbytes(tensors) + _nbytes(state)) from None
 
 
-def write_error(path: Path, e: Exception, run_dir: Path) -> CheckpointError:
-    """The one-line error for a failed write under run_dir: the path, the reason, what was kept."""
+def _nbytes(obj) -> int:
+    """Bytes of the tensors in obj (a tensor, or dicts, lists and tuples of them)."""
+    if isinstance(obj, Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Free bytes on the filesystem of path's nearest existing ancestor (None if unknown)."""
+    for p in (path, *path.parents):
+        if p.exists():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None
+
+
+def write_error(path: Path, e: Exception, run_dir: Path, needed: int | None = None) -> CheckpointError:
+    """The one-line error for a failed write under run_dir: the path, the reason, what was kept.
+    A full disk is named as such whichever layer reported it (an OSError's ENOSPC, or torch.save's
+    zip writer, which says only "unexpected pos"), with the free space and, when known, what the
+    checkpoint needs."""
     pointer = Path(run_dir) / "checkpoints" / LATEST
     try:
         kept = f"the previous checkpoint '{pointer.parent / pointer.read_text().strip()}' is kept"
     except OSError:
         kept = "no checkpoint had been written yet"
     reason = e.strerror if isinstance(e, OSError) and e.strerror else first_line(e)
+    free = _free_bytes(Path(path))
+    full = ((isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left" in str(e)
+            or (needed is not None and free is not None and free < needed))
+    if full:
+        reason = os.strerror(errno.ENOSPC) + ("" if free is None else f" ({free / 1e6:,.0f} MB free") + (
+            "" if free is None else (f"; the checkpoint needs about {needed / 1e6:,.0f} MB)" if needed else ")"))
     return CheckpointError(f"could not write '{path}': {reason}; {kept}")
 
 

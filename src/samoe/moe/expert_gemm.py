@@ -23,7 +23,8 @@ The kernel is a few lines of C (expert_gemm.c beside this module) built once per
 with the system's C compiler into cache_dir() and linked to the BLAS (MKL's sgemm_) and the
 OpenMP runtime (libgomp) that PyTorch's own wheel ships, so that there is one thread pool. Where
 any of that is missing (no compiler, another OpenMP or BLAS, not Linux), or SAMOE_EXPERT_GEMM=0,
-`available()` is False and callers keep torch._grouped_mm; a build or a failed one says so on stderr.
+`available()` is False and callers keep torch._grouped_mm; a failed build says so on stderr, a
+build on a terminal's.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def _build() -> ctypes.CDLL | None:
                                 "-Wl,--no-as-needed", f"-L{torch_lib}", "-ltorch_cpu", f"-Wl,-rpath,{torch_lib}"],
                                check=True, capture_output=True, timeout=120)
                 os.replace(out, so)  # atomic: a concurrent process sees the whole file or none
-            print(f"samoe: built the experts' GEMM kernel into {so}", file=sys.stderr)
+            if sys.stderr.isatty():  # a note for whoever watches; a script's stderr keeps its own lines
+                print(f"samoe: built the experts' GEMM kernel into {so}", file=sys.stderr)
         lib = ctypes.CDLL(str(so))
         P, I = ctypes.c_void_p, ctypes.c_int
         lib.expert_rows.argtypes = [I, P, P, I, P, ctypes.c_int64, I, I, I, I, P, P, I]
