@@ -14,10 +14,8 @@ object {"peer_<name>_vs_ours": ratio, ...} plus {"skipped": {name: reason}}, and
 over the dense FFN of our layer's shape, timed in the same round-robin ("<name>_vs_dense",
 "ours_for_<name>_vs_dense"): a peer at p times the dense FFN can be 1.3x slower than ours only if
 ours runs at p / 1.3 of it, which the GEMM floor of bench part (h) may not allow. Both run under the
-allocator setting of every samoe verb (samoe.malloc). Until 2026-12-03 this part ran with freed
-memory going back to the system, which added the same page faults to both sides and pulled the
-ratios toward 1: at T = 2048, E = 16, hf_switch took 107 ms against our 104, and 74 against 65
-with freed memory kept.
+allocator setting of every samoe verb (samoe.malloc): freed memory going back to the system
+would add the same page faults to both sides and pull the ratios toward 1 (docs/fast-moe.md).
 """
 
 from __future__ import annotations
