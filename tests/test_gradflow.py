@@ -154,7 +154,7 @@ def test_one_micro_batch_per_step_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_existing_runs_are_measured_from_their_latest_checkpoint_without_changing_them(tmp_path, corpus):
-    """`samoe analyze gradflow RUN_DIR...`: the run's next steps through the same train step,
+    """`samoe analyze gradflow-runs RUN_DIR...`: the run's next steps through the same train step,
     measured; the run directory is left as it was."""
     run = tmp_path / "run"
     code, _, err = run_cli("train", "--preset", "tiny", "--data", corpus, "--out", run, "--quiet", "train.max_steps=4",
@@ -162,7 +162,7 @@ def test_existing_runs_are_measured_from_their_latest_checkpoint_without_changin
     assert code == 0, err
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     out = tmp_path / "measured"
-    code, stdout, err = run_cli("analyze", "gradflow", run, "--steps", "2", "--out", out, "--quiet")
+    code, stdout, err = run_cli("analyze", "gradflow-runs", run, "--steps", "2", "--out", out, "--quiet")
     assert code == 0, err
     report = json.loads((out / "runs.json").read_text())
     (measured,) = report["runs"]
@@ -173,5 +173,5 @@ def test_existing_runs_are_measured_from_their_latest_checkpoint_without_changin
     assert "| run |" in stdout and "| run | 4 | switch |" in stdout
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
     # a run with one micro-batch per step: the SNR needs two; an override says how to split
-    assert_user_error(run_cli("analyze", "gradflow", run, "train.micro_batch_size=4", "--out", out, "--quiet"),
+    assert_user_error(run_cli("analyze", "gradflow-runs", run, "train.micro_batch_size=4", "--out", out, "--quiet"),
                       "train.micro_batch_size")

@@ -80,22 +80,25 @@ def cmd_match_dense(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gradflow_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="runs/gradflow", help="output directory")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadiest on a busy 2-core machine)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
 def gradflow_args(p: argparse.ArgumentParser) -> None:
     p.description = ("Train a short run per grid cell and record, per expert, the gradient norm per parameter, "
                      "tokens per step, dead experts, gradient SNR across micro-batches and router entropy "
-                     "(docs/analysis.md). Resumable: finished cells are kept in OUT/cells/ and skipped. Given run "
-                     "directories instead, measure each run's next --steps steps (default 8) from its latest "
-                     "checkpoint, without changing the run (OUT/runs.json).")
-    config_args(p, "RUN_DIR | key.path=value", "run directories to measure, and/or config overrides (see below)")
+                     "(docs/analysis.md). Resumable: finished cells are kept in OUT/cells/ and skipped. "
+                     "`samoe analyze gradflow-runs` measures existing runs instead.")
+    config_args(p)
     p.add_argument("--data", help="training data (default: the built-in corpus, data.corpus)")
     p.add_argument("--routers", default="switch,gshard,base,hash", help="comma-separated routers")
     p.add_argument("--experts", default="4,8,16,32,64", help="comma-separated expert counts E")
     p.add_argument("--sharing", default="private,pool", help="comma-separated sharing strategies")
     p.add_argument("--steps", type=int, help="training steps per cell (default: the preset's train.max_steps)")
     p.add_argument("--measure", type=float, default=0.5, help="fraction of the steps, at the end, that are measured")
-    p.add_argument("--out", default="runs/gradflow", help="output directory (cells/, gradflow.json, PNGs)")
-    p.add_argument("--threads", type=int, help="torch CPU threads (1 is steadiest on a busy 2-core machine)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _gradflow_common(p)
 
 
 def cmd_gradflow(args: argparse.Namespace) -> int:
@@ -105,22 +108,37 @@ def cmd_gradflow(args: argparse.Namespace) -> int:
     gradflow.check_grid(routers, experts, sharings)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    run_dirs = [a for a in args.overrides if "=" not in a]
-    overrides = [a for a in args.overrides if "=" in a] + ([f"data.path={json.dumps(args.data)}"] if args.data else [])
+    overrides = args.overrides + ([f"data.path={json.dumps(args.data)}"] if args.data else [])
     t0 = time.time()
-    if run_dirs:  # existing runs: their next steps from the latest checkpoint, measured
-        if args.config or args.preset or args.data:
-            raise UserError("RUN_DIR... is measured with its own config and data; drop --config/--preset/--data")
-        report = gradflow.measure_runs(run_dirs, args.out, args.steps or 8, overrides, progress=not args.quiet)
-        print(gradflow.format_runs_table(report))
-        print(f"{len(run_dirs)} runs in {time.time() - t0:.0f}s; results in {args.out}/runs.json")
-        return 0
     cfg = gradflow.base_config(args.config, args.preset, overrides, args.steps)
     grid = gradflow.run_grid(cfg, args.out, routers, experts, sharings, args.measure, progress=not args.quiet,
                              log=lambda m: print(m, file=sys.stderr))
     print(gradflow.format_table(grid))
     print(f"{len(grid['cells'])} cells in {time.time() - t0:.0f}s; results in {args.out}/gradflow.json, "
           f"plots in {args.out}/gradflow*.png")
+    return 0
+
+
+def gradflow_runs_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("Measure each run's next --steps steps from its latest checkpoint through the same train step "
+                     "and statistics as `samoe analyze gradflow`, without changing the run (OUT/runs.json).")
+    p.add_argument("overrides", nargs="+", metavar="RUN_DIR | key.path=value",
+                   help="the run directories to measure, and overrides of their configs (key.path=value)")
+    p.add_argument("--steps", type=int, default=8, help="steps to measure (default 8)")
+    _gradflow_common(p)
+
+
+def cmd_gradflow_runs(args: argparse.Namespace) -> int:
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    run_dirs = [a for a in args.overrides if "=" not in a]
+    overrides = [a for a in args.overrides if "=" in a]
+    if not run_dirs:
+        raise UserError("samoe analyze gradflow-runs needs at least one RUN_DIR")
+    t0 = time.time()
+    report = gradflow.measure_runs(run_dirs, args.out, args.steps, overrides, progress=not args.quiet)
+    print(gradflow.format_runs_table(report))
+    print(f"{len(run_dirs)} runs in {time.time() - t0:.0f}s; results in {args.out}/runs.json")
     return 0
 
 
@@ -141,6 +159,8 @@ def cmd_experts(args: argparse.Namespace) -> int:
 ANALYZE_VERBS = (
     Verb("gradflow", "per-expert gradient statistics over a grid of routers x E x sharing", gradflow_args,
          cmd_gradflow),
+    Verb("gradflow-runs", "the same statistics over existing runs' next steps", gradflow_runs_args,
+         cmd_gradflow_runs),
     Verb("experts", "a run's per-layer expert load, expert similarity and SaMoE coefficients", experts_args,
          cmd_experts),
 )
