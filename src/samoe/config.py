@@ -10,6 +10,7 @@ ConfigError naming the field and the values it allows), YAML load/save, presets 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 
 @dataclass(frozen=True)
@@ -35,23 +36,31 @@ ROUTER_KINDS: dict[str, RouterKind] = {  # BASE balances in training, routes gre
     "hash": RouterKind(1, True, False, True, False, True),
     "expert_choice": RouterKind(None, False, True, False, False, True),
 }
-ROUTERS = tuple(ROUTER_KINDS)
-SHARING = ("private", "pool", "shared")
-POOL_INITS = ("uniform", "noisy", "cycle", "sequence")
-GRANULARITIES = ("layer", "expert")
-ACTIVATIONS = ("gelu", "swiglu")
-EVAL_WINDOWS = ("first", "spread")
-SAMPLINGS = ("random", "epochs")
-POSITIONS = ("learned", "rotary")
-NORMS = ("layernorm", "rmsnorm")
-RESIDUAL_GATES = ("softmax", "sigmoid")
-BALANCES = ("layer", "pool")
-HASH_MAPS = ("balanced", "random")
-TOKENIZERS = ("bpe", "byte")
-DTYPES = ("float32", "bfloat16")
-DEVICES = ("auto", "cpu", "cuda")
-LOGGERS = ("jsonl", "tensorboard", "wandb")
-CORPORA = ("stdlib", "stdlib-docs")  # samoe.data.corpus.BUILTIN_CORPORA
+# The choice fields' types: their values, checked when a config is read (config_load) and validated.
+RouterName = Literal["switch", "gshard", "topk", "base", "hash", "expert_choice"]
+Sharing = Literal["private", "pool", "shared"]
+PoolInit = Literal["uniform", "noisy", "cycle", "sequence"]
+Granularity = Literal["layer", "expert"]
+Activation = Literal["gelu", "swiglu"]
+EvalWindows = Literal["first", "spread"]
+Sampling = Literal["random", "epochs"]
+Positions = Literal["learned", "rotary"]
+Norm = Literal["layernorm", "rmsnorm"]
+ResidualGate = Literal["softmax", "sigmoid"]
+Balance = Literal["layer", "pool"]
+HashMap = Literal["balanced", "random"]
+TokenizerKind = Literal["bpe", "byte"]
+DType = Literal["float32", "bfloat16"]
+Device = Literal["auto", "cpu", "cuda"]
+LoggerName = Literal["jsonl", "tensorboard", "wandb"]
+Corpus = Literal["stdlib", "stdlib-docs"]  # samoe.data.corpus.BUILTIN_CORPORA
+
+ROUTERS, SHARING, POOL_INITS, GRANULARITIES = (get_args(t) for t in (RouterName, Sharing, PoolInit, Granularity))
+ACTIVATIONS, EVAL_WINDOWS, SAMPLINGS, POSITIONS = (get_args(t) for t in (Activation, EvalWindows, Sampling, Positions))
+NORMS, RESIDUAL_GATES, BALANCES, HASH_MAPS = (get_args(t) for t in (Norm, ResidualGate, Balance, HashMap))
+TOKENIZERS, DTYPES, DEVICES = (get_args(t) for t in (TokenizerKind, DType, Device))
+LOGGERS, CORPORA = get_args(LoggerName), get_args(Corpus)
+assert set(ROUTERS) == set(ROUTER_KINDS), "every router name has its properties in ROUTER_KINDS"
 
 
 
@@ -60,9 +69,9 @@ class PoolConfig:
     """SaMoE's global pool: K expert layers shared by every MoE layer (sharing = "pool")."""
 
     size: int = 2  # K, number of global expert layers
-    granularity: str = "layer"  # "layer": a_l [K]; "expert": a_l [E, K]
+    granularity: Granularity = "layer"  # "layer": a_l [K]; "expert": a_l [E, K]
     temperature: float = 1.0  # τ in c_l = softmax(a_l / τ)
-    init: str = "noisy"  # uniform | noisy | cycle | sequence (one-hot, see moe/experts.py)
+    init: PoolInit = "noisy"  # uniform | noisy | cycle | sequence (one-hot, see moe/experts.py)
     init_noise: float = 0.1  # std of the noise added to uniform logits by init = "noisy"
     freeze: bool = False  # keep the coefficients fixed (frozen one-hot = hard layer sharing)
     lr_scale: float = 1.0  # learning rate of the coefficient logits, as a multiple of train.lr's schedule
@@ -79,7 +88,7 @@ class MoEConfig:
     every: int = 2  # an MoE FFN in every `every`-th block (blocks every-1, 2*every-1, ...)
     num_experts: int = 8  # E per MoE layer
     experts_per_layer: list[int] | None = None  # "pyramid": E for each MoE layer
-    router: str = "switch"  # switch | gshard | topk | base | hash | expert_choice
+    router: RouterName = "switch"  # switch | gshard | topk | base | hash | expert_choice
     top_k: int = 1  # used by topk and expert_choice; switch, base, hash use 1, gshard 2
     capacity_factor: float = 1.25  # C = max(min_capacity, ceil(cf * T * k / E))
     eval_capacity_factor: float = 2.0  # applies only when eval_dropless = false
@@ -87,16 +96,16 @@ class MoEConfig:
     min_capacity: int = 4
     dropless: bool = False  # no capacity, no dropped tokens (token-choice routers)
     ffn_hidden: int | None = None  # expert hidden width f; default: model.ffn_hidden
-    sharing: str = "pool"  # private | pool | shared
+    sharing: Sharing = "pool"  # private | pool | shared
     shared_experts: int = 16  # M, size of the bank for sharing = "shared"
     residual: bool = False  # PR-MoE: mix a dense FFN branch with the MoE branch
     residual_hidden: int | None = None  # the dense branch's hidden width; default: model.ffn_hidden
     # softmax: y = p0·moe + p1·ffn (PR-MoE); sigmoid: y = moe + σ(x·w)·ffn (Qwen2-MoE shared expert)
-    residual_gate: str = "softmax"
+    residual_gate: ResidualGate = "softmax"
     load_balance_weight: float = 0.01
     # "layer": each layer balances its own experts, mean over layers of E·Σ_e f_e·P_e; "pool" (UniPool,
     # sharing = "shared"): f and P averaged over the layers first, so the bank is balanced as a whole
-    balance: str = "layer"
+    balance: Balance = "layer"
     # UniPool's NormRouter (gshard, or topk with top_k > 1): s = relu(γ · cos(x, w_e)), top-k on s, gates
     # s / Σ_chosen s; γ a learned scale. Off: softmax router
     norm_router: bool = False
@@ -105,7 +114,7 @@ class MoEConfig:
     bias_update_rate: float = 0.001
     jitter: float = 0.0  # multiplicative router-input noise U(1-j, 1+j) in training
     random_routing: bool = False  # gshard: keep the 2nd expert with probability min(1, 2*g2)
-    hash_map: str = "balanced"  # hash router: balanced by token frequency, or seeded random
+    hash_map: HashMap = "balanced"  # hash router: balanced by token frequency, or seeded random
     pool: PoolConfig = field(default_factory=PoolConfig)
 
 
@@ -117,10 +126,10 @@ class ModelConfig:
     n_heads: int = 4
     d_model: int = 128
     ffn_hidden: int | None = None  # f; default 4 * d_model
-    activation: str = "gelu"  # gelu | swiglu
-    positions: str = "learned"  # learned | rotary
+    activation: Activation = "gelu"  # gelu | swiglu
+    positions: Positions = "learned"  # learned | rotary
     rope_base: float = 10000.0  # rotary: θ_i = rope_base^(-2i/head_dim)
-    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm: Norm = "layernorm"  # layernorm | rmsnorm
     norm_eps: float = 1e-5  # ε of the norms
     bias: bool = True  # biases in attention, FFNs, experts, PR-MoE mixing and LayerNorm
     dropout: float = 0.0
@@ -142,19 +151,19 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    dtype: str = "float32"  # float32 | bfloat16 (autocast)
-    device: str = "auto"  # auto | cpu | cuda
+    dtype: DType = "float32"  # float32 | bfloat16 (autocast)
+    device: Device = "auto"  # auto | cpu | cuda
     seed: int = 1337
     log_every: int = 10
     eval_every: int = 200
     eval_tokens: int = 65536  # validation tokens scored per evaluation
     # which windows of the validation split those tokens are: "first" (the split's first
     # eval_tokens: on a mixture, its first documents only) or "spread" (evenly spaced over the whole split)
-    eval_windows: str = "first"
+    eval_windows: EvalWindows = "first"
     ckpt_every: int = 200
     # where the logged rows go besides metrics.jsonl (always written): tensorboard (RUN_DIR/tb),
     # wandb (WANDB_MODE=offline works without a network); both need `pip install -e ".[track]"`
-    loggers: list[str] = field(default_factory=lambda: ["jsonl"])
+    loggers: list[LoggerName] = field(default_factory=lambda: ["jsonl"])
     wandb_project: str = "samoe"
     wandb_group: str | None = None  # `samoe study run --loggers` sets it to the study's name
 
@@ -162,13 +171,13 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     path: str | None = None  # None: the built-in corpus named by `corpus`
-    corpus: str = "stdlib"  # built-in corpus: stdlib (source files, 31 MB) | stdlib-docs (docstrings, 2.1 MB)
-    tokenizer: str = "bpe"  # bpe | byte
+    corpus: Corpus = "stdlib"  # built-in corpus: stdlib (source files, 31 MB) | stdlib-docs (docstrings, 2.1 MB)
+    tokenizer: TokenizerKind = "bpe"  # bpe | byte
     val_fraction: float = 0.05
     # how training windows are drawn: "random" (a uniform random start for every window, so a run
     # reading a fraction r of its corpus meets again about 1 - (1 - e^-r) / r of its tokens) or
     # "epochs" (every epoch a shuffled set of non-overlapping windows: no text repeats within one)
-    sampling: str = "random"
+    sampling: Sampling = "random"
 
 
 @dataclass

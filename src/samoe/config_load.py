@@ -165,6 +165,11 @@ def _coerce(name: str, value, hint):
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if dataclasses.is_dataclass(hint):
         return _from_dict(hint, value, name)
+    if origin is typing.Literal:  # a string first (as the field's type says), then one of the choices
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} = {value!r} has the wrong type; expected a string")
+        _choice(name, value, args)
+        return value
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
