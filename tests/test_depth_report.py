@@ -7,7 +7,8 @@ import math
 import pytest
 
 from helpers import make_study_run
-from samoe.study import report
+from samoe.errors import UserError
+from samoe.study import report, speeds
 from samoe.study.share import format_interval, share_of_gain
 
 
@@ -85,3 +86,23 @@ def test_depth_groups_compare_each_arm_with_its_own_depths_dense_and_moe(tmp_pat
     h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
     assert f"| L2-samoe-k2 | 3 | 2 (ln K = 0.69) | 0.69 {h:.2f} {h:.2f} {h:.2f} | {(0.5 + 3 * 0.9) / 4:.2f} " \
            f"{(0.5 + 3 * 0.1) / 4:.2f} |" in text
+
+
+def test_each_arm_keeps_the_latest_speed_that_timed_it_and_a_date_redraws_an_old_one(tmp_path):
+    """Speed measurements are kept one a date: an arm timed only by the older one keeps its speed
+    when a newer one times other arms; --speed WHEN puts every arm on that measurement."""
+    root = tmp_path / "study"
+    for arm, loss in (("dense", 3.2), ("moe", 3.0)):
+        make_study_run(root / arm / "seed1", loss, ["model.moe.enabled=false"] if arm == "dense" else [], seed=1)
+    old = {"measured": "2026-12-02 08:39", "threads": 2, "repeats": 21, "tokens_per_s": {"dense": 1000.0, "moe": 500.0}}
+    new = {"measured": "2026-12-03 08:09", "threads": 2, "repeats": 21, "tokens_per_s": {"moe": 400.0}}
+    speeds.write_measurement(root, old)
+    speeds.write_measurement(root, new)
+    assert sorted(p.name for p in (root / "speed").iterdir()) == ["2026-12-02-0839.json", "2026-12-03-0809.json"]
+    _, rows = report.write_report(root)
+    by_arm = {r["arm"]: r for r in rows}
+    assert by_arm["dense"]["tokens_per_s"] == 1000.0 and by_arm["moe"]["tokens_per_s"] == 400.0
+    _, rows = report.write_report(root, speed="2026-12-02")
+    assert {r["arm"]: r["tokens_per_s"] for r in rows} == {"dense": 1000.0, "moe": 500.0}
+    with pytest.raises(UserError, match="2026-11"):
+        report.write_report(root, speed="2026-11")

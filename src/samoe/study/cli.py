@@ -14,9 +14,8 @@ from pathlib import Path
 from samoe.config import LOGGERS
 from samoe.config_load import load_config
 from samoe.errors import UserError
-from samoe.fileio import write_text_atomic
 from samoe.study import grid as study
-from samoe.study import report, whole_split
+from samoe.study import report, speeds, whole_split
 from samoe.train.tracking import check_installed
 from samoe.verbs import Verb, check_at_least_one
 
@@ -100,9 +99,7 @@ def speed_args(p: argparse.ArgumentParser) -> None:
 def cmd_speed(args: argparse.Namespace) -> int:
     check_at_least_one(args, "threads", "repeats")
     speed = study.measure_speed(study.load_study(args.study, args.out), args.threads, args.repeats)
-    path = Path(args.out) / study.SPEED_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(speed, indent=1) + "\n")
+    path = speeds.write_measurement(Path(args.out), speed)
     for name, tps in speed["tokens_per_s"].items():
         print(f"{name:<40} {tps:>10,.0f} tokens/s")
     print(f"written: {path}")
@@ -125,10 +122,12 @@ def report_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", metavar="NAMES", help="also score the best arms (3 lowest val losses, the dense arms; "
                    "at most 5) zero-shot on these comma-separated tasks (as samoe eval --task), every seed")
     p.add_argument("--limit", type=int, help="score only the first N items of each task")
+    p.add_argument("--speed", metavar="WHEN", help="put every arm on the `samoe study speed` measurement taken at "
+                   "WHEN (e.g. 2026-12-02 08:39; default: each arm on the latest that timed it)")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    path, rows = report.write_report(args.study_dir, args.task, args.limit, log=_log)
+    path, rows = report.write_report(args.study_dir, args.task, args.limit, log=_log, speed=args.speed)
     if args.json:
         print(json.dumps(rows, indent=1))
     else:
@@ -140,8 +139,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 STUDY_VERBS = (
     Verb("run", "train every unfinished run of a study file (finished ones are skipped, partial ones resumed)",
          run_args, cmd_run),
-    Verb("speed", "OUT/speed.json: every arm's training tokens/s, timed round-robin on a quiet machine (study report "
-         "then uses it for the per-second view)", speed_args, cmd_speed),
+    Verb("speed", "OUT/speed/DATE.json: every arm's training tokens/s, timed round-robin on a quiet machine (study "
+         "report then uses it for the per-second view)", speed_args, cmd_speed),
     Verb("eval", "RUN/eval-full.json for every finished run: its whole validation split, dropless (study report "
          "then compares arms on it)", eval_args, cmd_eval),
     Verb("report", "DIR/report.md, report.json and PNGs: curves over seeds, the table of arms", report_args,

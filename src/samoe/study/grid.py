@@ -170,15 +170,12 @@ def estimate_seconds(cells: list[Cell], threads: int, repeats: int = 3) -> dict[
     return {c.name: c.tokens / speed[c.name.rsplit("/", 1)[0]] for c in cells}
 
 
-SPEED_FILE = "speed.json"
-
-
 def measure_speed(cells: list[Cell], threads: int, repeats: int = 7) -> dict:
     """Training tokens/s of each arm (by its run-directory prefix, `[corpus/]arm`): the median
     time of an optimiser step of its model on random tokens, the arms timed round-robin so they
     share the machine's noise (after two warm-ups), with `threads` torch threads. Meant for a
     quiet machine, so that a study's per-second comparison does not depend on what else ran
-    beside its runs (`samoe study report` uses OUT/speed.json when it exists)."""
+    beside its runs (`samoe study speed` keeps it under OUT/speed/, samoe.study.speeds)."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
