@@ -1,6 +1,7 @@
 """The share of the MoE's gain with its interval (samoe.study.share), groups named by a prefix,
 and the depth study's report sections (samoe.study.depth)."""
 
+import gzip
 import json
 import math
 
@@ -106,3 +107,14 @@ def test_each_arm_keeps_the_latest_speed_that_timed_it_and_a_date_redraws_an_old
     assert {r["arm"]: r["tokens_per_s"] for r in rows} == {"dense": 1000.0, "moe": 500.0}
     with pytest.raises(UserError, match="2026-11"):
         report.write_report(root, speed="2026-11")
+
+
+def test_a_finished_runs_gzipped_metrics_read_as_the_plain_ones(tmp_path):
+    """results/ keeps finished runs' metrics.jsonl gzipped; the report reads them alike."""
+    root = _depth_study(tmp_path / "depth")
+    _, plain = report.write_report(root)
+    for f in root.rglob("metrics.jsonl"):
+        f.with_name("metrics.jsonl.gz").write_bytes(gzip.compress(f.read_bytes()))
+        f.unlink()
+    _, packed = report.write_report(root)
+    assert packed == plain

@@ -12,6 +12,7 @@ read runs) and above model and checkpoint.py (the checkpoint format).
 
 from __future__ import annotations
 
+import gzip
 import json
 from contextlib import nullcontext
 from functools import partial
@@ -40,13 +41,18 @@ def read_json(path: str | Path) -> dict:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The rows of a run's metrics.jsonl (one per logged step), in order. A last line without
+    """The rows of a run's metrics.jsonl, or of its gzipped copy metrics.jsonl.gz (one per logged
+    step), in order. A last line without
     its newline is a row being written by a run in flight (a study reads its runs while they
     train) and is left out."""
     path = Path(run_dir) / METRICS_FILE
-    if not path.is_file():
+    packed = path.with_name(METRICS_FILE + ".gz")  # a committed record of a finished run (results/)
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+    elif packed.is_file():
+        text = gzip.decompress(packed.read_bytes()).decode("utf-8")
+    else:
         raise CheckpointError(f"'{run_dir}' has no {METRICS_FILE}: not a samoe run directory")
-    text = path.read_text(encoding="utf-8")
     lines = text.split("\n")[:-1]  # the piece after the last newline is empty or half-written
     return [json.loads(line) for line in lines if line.strip()]
 
