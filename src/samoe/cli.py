@@ -98,6 +98,8 @@ VERBS = (
          analysis_cli.params_args, analysis_cli.cmd_params),
     Verb("flops", "FLOPs per token by component, training FLOPs, PF-days, all-to-all bytes",
          analysis_cli.flops_args, analysis_cli.cmd_flops),
+    Verb("plan", "memory a rank needs for each data/expert-parallel and FSDP layout over N GPUs, and the time",
+         analysis_cli.plan_args, analysis_cli.cmd_plan),
     Verb("match-dense", "write dense configs matching an MoE's training FLOPs and its parameters",
          analysis_cli.match_dense_args, analysis_cli.cmd_match_dense),
     Group("data", "prepare datasets (dedup, split, token shards) and measure diversity",

@@ -14,6 +14,7 @@ import torch
 from samoe.analysis import gradflow
 from samoe.analysis.experts import analyze_experts
 from samoe.analysis.experts import format_report as format_experts
+from samoe.analysis.plan import format_plan, parse_memory, plan
 from samoe.config import Config
 from samoe.config_load import load_config, preset_names
 from samoe.errors import UserError
@@ -65,6 +66,25 @@ def flops_args(p: argparse.ArgumentParser) -> None:
 def cmd_flops(args: argparse.Namespace) -> int:
     report = flops_report(load_target(args.target, args.overrides), args.tokens, args.batch_tokens)
     print(json.dumps(report, indent=2) if args.json else format_flops(report))
+    return 0
+
+
+def plan_args(p: argparse.ArgumentParser) -> None:
+    _target_args(p)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs (ranks) in all")
+    p.add_argument("--gpu-mem", required=True, metavar="SIZE", help="memory of one GPU, e.g. 80GB or 141GB")
+    p.add_argument("--ep", type=int, help="only this expert-parallel degree (default: every one that divides)")
+    p.add_argument("--fsdp", action=argparse.BooleanOptionalAction, default=None,
+                   help="only layouts with (--fsdp) or without (--no-fsdp) FSDP (default: both)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="compute dtype (default: train.dtype)")
+    p.add_argument("--mfu", type=float, default=0.4, help="model FLOPs utilisation for the time estimate")
+    p.add_argument("--json", action="store_true")
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    report = plan(load_target(args.target, args.overrides), args.gpus, parse_memory(args.gpu_mem), args.dtype,
+                  args.ep, args.fsdp, args.mfu)
+    print(json.dumps(report, indent=1) if args.json else format_plan(report, Path(args.target).stem))
     return 0
 
 
