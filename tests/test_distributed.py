@@ -79,7 +79,7 @@ def _layer_worker(rank: int, world: int, port: int) -> None:
         torch.manual_seed(0)
         reference = GPT(cfg.model)
         torch.manual_seed(0)
-        model = GPT(cfg.model, layout.ep)  # the same draws, only this process's experts kept
+        model = distributed.parallelize(GPT(cfg.model), layout)  # the same draws, only this process's experts kept
         gen = torch.Generator().manual_seed(1)
         B, S, d = 2, 16, cfg.model.d_model
         xs = torch.randn(world, B, S, d, generator=gen, dtype=torch.float64)
@@ -160,8 +160,7 @@ def _gradflow_worker(rank: int, world: int, port: int) -> None:
                                                 "train.eval_tokens=64"])
     layout, _ = distributed.init_layout(cfg, torch.device("cpu"))
     torch.manual_seed(0)
-    model = GPT(cfg.model, layout.ep)
-    layout.expert_axes = distributed.expert_axes(model)
+    model = distributed.parallelize(GPT(cfg.model), layout)
     idx = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(rank))
     model.eval()
     ref = model(idx, idx).loss

@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from samoe.config import ModelConfig, expert_hidden, experts_per_layer, ffn_hidden, moe_layer_ids, residual_hidden
 from samoe.ffn import FeedForward, make_norm
 from samoe.moe.dispatch import LocalDispatcher
-from samoe.moe.expert_parallel import ExpertParallel, ExpertParallelDispatcher
 from samoe.moe.experts import ExpertWeights, PoolMixture, SharedBank
 from samoe.moe.layer import MoEFeedForward
 from samoe.moe.routers import BALANCE_TERMS, HashRouter, TopKRouter, build_router, pool_balance_loss
@@ -93,12 +92,11 @@ class GPTOutput:
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, ep: ExpertParallel | None = None):
-        """`ep`: this process's place in an expert-parallel group; it then holds only its share
-        of every expert tensor (moe/expert_parallel.py), the rest of the model whole."""
+    def __init__(self, cfg: ModelConfig):
+        """The whole model, as one process holds it; parallelism is applied from outside
+        (train/distributed.py, parallelize)."""
         super().__init__()
         self.cfg = cfg
-        self.ep = ep
         moe = cfg.moe
         d, L = cfg.d_model, cfg.n_layers
         self.wte = nn.Embedding(cfg.vocab_size, d)
@@ -112,10 +110,9 @@ class GPT(nn.Module):
         f_exp = expert_hidden(cfg)
         self.expert_pool = self.expert_bank = None
         if moe_ids and moe.sharing == "pool":
-            self.expert_pool = ExpertWeights((moe.pool.size,), max(n_experts), d, f_exp, cfg.activation, L, ep,
-                                             cfg.bias)
+            self.expert_pool = ExpertWeights((moe.pool.size,), max(n_experts), d, f_exp, cfg.activation, L, cfg.bias)
         elif moe_ids and moe.sharing == "shared":
-            self.expert_bank = ExpertWeights((), moe.shared_experts, d, f_exp, cfg.activation, L, ep, cfg.bias)
+            self.expert_bank = ExpertWeights((), moe.shared_experts, d, f_exp, cfg.activation, L, cfg.bias)
 
         blocks = []
         for i in range(L):
@@ -139,18 +136,16 @@ class GPT(nn.Module):
     def _moe_ffn(self, pos: int, n_moe: int, num_experts: int, hidden: int) -> MoEFeedForward:
         cfg, moe = self.cfg, self.cfg.moe
         if moe.sharing == "pool":
-            experts = PoolMixture(self.expert_pool, num_experts, moe.pool, pos, n_moe, self.ep)
+            experts = PoolMixture(self.expert_pool, num_experts, moe.pool, pos, n_moe)
         elif moe.sharing == "shared":
             experts = SharedBank(self.expert_bank)
         else:
-            experts = ExpertWeights((), num_experts, cfg.d_model, hidden, cfg.activation, cfg.n_layers, self.ep,
-                                    cfg.bias)
+            experts = ExpertWeights((), num_experts, cfg.d_model, hidden, cfg.activation, cfg.n_layers, cfg.bias)
         router = build_router(moe, cfg.d_model, num_experts, cfg.vocab_size)
         residual = (FeedForward(cfg.d_model, residual_hidden(cfg), cfg.activation, cfg.n_layers, cfg.dropout, cfg.bias)
                     if moe.residual else None)
-        # the token dispatcher is chosen here, once: local, or over the expert-parallel group
-        dispatcher = LocalDispatcher() if self.ep is None else ExpertParallelDispatcher(self.ep, num_experts)
-        return MoEFeedForward(router, experts, cfg.activation, residual, dispatcher, moe.residual_gate, cfg.bias,
+        # every expert local; parallelize swaps in the expert-parallel dispatcher
+        return MoEFeedForward(router, experts, cfg.activation, residual, LocalDispatcher(), moe.residual_gate, cfg.bias,
                               depth_embedding_dim=cfg.d_model if moe.pool.depth_embedding else 0)
 
     def moe_layers(self) -> list[MoEFeedForward]:

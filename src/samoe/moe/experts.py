@@ -24,7 +24,6 @@ import torch
 from torch import Tensor, nn
 
 from samoe.config import PoolConfig, fc1_width
-from samoe.moe.expert_parallel import ExpertParallel, take_shard
 from samoe.moe.grouped import ExpertSource
 
 ExpertTensors = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -33,30 +32,27 @@ ExpertTensors = tuple[Tensor, Tensor, Tensor, Tensor]
 class ExpertWeights(nn.Module):
     """A stack of expert FFN weights with leading dims `lead` (() for one layer, (K,) for a pool).
 
-    forward() returns (W1, b1, W2, b2) for a stack without leading dims. With `ep` (expert
-    parallelism) only this process's experts p, p + P, ... are kept: each tensor is drawn
-    whole, as on one process, and cut at once, so processes agree with a single one and
-    never hold more than one whole tensor.
+    forward() returns (W1, b1, W2, b2) for a stack without leading dims. The model is built whole
+    on every process; expert parallelism then keeps each process's experts (train/distributed.py,
+    parallelize), so processes draw the same weights as a single one.
     """
 
     def __init__(self, lead: tuple[int, ...], num_experts: int, d_model: int, hidden: int,
-                 activation: str, n_layers: int, ep: ExpertParallel | None = None, bias: bool = True):
+                 activation: str, n_layers: int, bias: bool = True):
         super().__init__()
         h = fc1_width(activation, hidden)
         self.expert_axis = len(lead)
-        cut = (lambda t: take_shard(t, self.expert_axis, ep)) if ep is not None else (lambda t: t)
-        keep = lambda t: nn.Parameter(cut(t))  # noqa: E731
-        self.w1 = keep(nn.init.normal_(torch.empty(*lead, num_experts, d_model, h), std=0.02))
+        self.w1 = nn.Parameter(nn.init.normal_(torch.empty(*lead, num_experts, d_model, h), std=0.02))
         if bias:
-            self.b1 = keep(torch.zeros(*lead, num_experts, h))
+            self.b1 = nn.Parameter(torch.zeros(*lead, num_experts, h))
         else:
-            self.register_buffer("b1", cut(torch.zeros(*lead, num_experts, h)), persistent=False)
-        self.w2 = keep(nn.init.normal_(torch.empty(*lead, num_experts, hidden, d_model),
-                                       std=0.02 / math.sqrt(2 * n_layers)))  # GPT-2 residual scaling
+            self.register_buffer("b1", torch.zeros(*lead, num_experts, h), persistent=False)
+        self.w2 = nn.Parameter(nn.init.normal_(torch.empty(*lead, num_experts, hidden, d_model),
+                                               std=0.02 / math.sqrt(2 * n_layers)))  # GPT-2 residual scaling
         if bias:
-            self.b2 = keep(torch.zeros(*lead, num_experts, d_model))
+            self.b2 = nn.Parameter(torch.zeros(*lead, num_experts, d_model))
         else:
-            self.register_buffer("b2", cut(torch.zeros(*lead, num_experts, d_model)), persistent=False)
+            self.register_buffer("b2", torch.zeros(*lead, num_experts, d_model), persistent=False)
 
     def forward(self) -> ExpertTensors:
         return self.w1, self.b1, self.w2, self.b2
@@ -92,12 +88,11 @@ class PoolMixture(nn.Module):
     ("pyramid") use the pool's first E experts.
     """
 
-    def __init__(self, pool: ExpertWeights, num_experts: int, cfg: PoolConfig, layer: int, n_moe_layers: int,
-                 ep: ExpertParallel | None = None):
+    def __init__(self, pool: ExpertWeights, num_experts: int, cfg: PoolConfig, layer: int, n_moe_layers: int):
         super().__init__()
         self._pool = (pool,)
         self.num_experts = num_experts
-        self.shard = (ep.rank, ep.size) if ep is not None else (0, 1)  # this process holds experts p, p + P, ...
+        self.shard = (0, 1)  # (p, P): this process holds experts p, p + P, ... (set by parallelize)
         self.temperature = cfg.temperature
         shape = (cfg.size,) if cfg.granularity == "layer" else (num_experts, cfg.size)
         logits = initial_coefficient_logits(cfg, shape, layer, n_moe_layers)

@@ -32,8 +32,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from samoe.config import Config
 from samoe.errors import ConfigError, UserError
+from samoe.model.gpt import GPT
 from samoe.moe.expert_parallel import ExpertParallel, ExpertParallelDispatcher, gather_shards, take_shard
-from samoe.moe.experts import ExpertWeights
+from samoe.moe.experts import ExpertWeights, PoolMixture
 
 
 @dataclass
@@ -121,6 +122,31 @@ def expert_axes(model: nn.Module) -> dict[str, int]:
     return {f"{name}.{pname}" if name else pname: module.expert_axis
             for name, module in model.named_modules() if isinstance(module, ExpertWeights)
             for pname, _ in module.named_parameters(recurse=False)}
+
+
+def parallelize(model: GPT, layout: Layout) -> GPT:
+    """Apply the layout's parallelism to a model built whole (GPT(cfg), the same on every
+    process): under expert parallelism every expert tensor (private experts, the SaMoE pool,
+    the shared bank) keeps this process's experts p, p + P, ... along its expert axis, SaMoE
+    layers combine that shard, and every MoE layer's tokens go through the expert-parallel
+    dispatcher. Records the sharded tensors' expert axes in layout.expert_axes. Returns the model."""
+    layout.expert_axes = expert_axes(model) if layout.ep is not None else {}
+    if layout.ep is None:
+        return model
+    for module in model.modules():
+        if isinstance(module, ExpertWeights):
+            for name in ("w1", "b1", "w2", "b2"):
+                t = getattr(module, name)
+                shard = take_shard(t.data, module.expert_axis, layout.ep)
+                if isinstance(t, nn.Parameter):
+                    setattr(module, name, nn.Parameter(shard, requires_grad=t.requires_grad))
+                else:  # `bias: false`: constant zero buffers
+                    module.register_buffer(name, shard, persistent=False)
+    for layer in model.moe_layers():
+        layer.dispatcher = ExpertParallelDispatcher(layout.ep, layer.router.num_experts)
+        if isinstance(layer.experts, PoolMixture):
+            layer.experts.shard = (layout.ep.rank, layout.ep.size)
+    return model
 
 
 def reshard(layout: Layout):

@@ -38,11 +38,11 @@ from samoe.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, resolve_device
 from samoe.train.distributed import (
     Layout,
     all_sum,
-    expert_axes,
     full_optimizer_state,
     full_weights,
     gather_rng_states,
     init_layout,
+    parallelize,
     reshard,
     run_on_main,
     seed_process,
@@ -198,8 +198,7 @@ def set_up(cfg: Config, run_dir: Path, resume: bool, layout: Layout, device: tor
     cfg.model.vocab_size = splits.tokenizer.vocab_size
 
     torch.manual_seed(cfg.train.seed)
-    model = GPT(cfg.model, layout.ep).to(device)  # identical on every process but for the expert shards
-    layout.expert_axes = expert_axes(model) if layout.ep is not None else {}
+    model = parallelize(GPT(cfg.model), layout).to(device)  # drawn whole on every process, then sharded
     if source is not None:
         upcycle(model, source, init_noise, cfg.train.seed, reshard(layout))
     if cfg.model.moe.hash_map == "balanced" and not resume:
