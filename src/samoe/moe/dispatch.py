@@ -25,10 +25,16 @@ from samoe.moe.routers import Routing
 
 
 class Dispatcher:
-    """Runs the routed experts of one MoE layer (see the module docstring)."""
+    """Runs the routed experts of one MoE layer (see the module docstring). `sent_bytes`: the
+    bytes its forwards sent to other processes since `reset()` (none for a local one)."""
+
+    sent_bytes = 0
 
     def __call__(self, x: Tensor, routing: Routing, source: ExpertSource, activation: str) -> Tensor:
         raise NotImplementedError
+
+    def reset(self) -> None:
+        """Zero the byte counter."""
 
 
 def dispatch(x: Tensor, routing: Routing, source: ExpertSource | tuple[Tensor, ...], activation: str) -> Tensor:
@@ -107,6 +113,13 @@ class RecordingDispatcher(Dispatcher):
             source = ExpertSource(*weights)
         self.record.calls.append((routing, weights, self.num_experts))
         return self.inner(x, routing, source, activation)
+
+    @property
+    def sent_bytes(self) -> int:
+        return self.inner.sent_bytes
+
+    def reset(self) -> None:
+        self.inner.reset()
 
 
 @contextmanager

@@ -54,7 +54,7 @@ class MoEFeedForward(nn.Module):
     def a2a_bytes(self) -> int:
         """Bytes this layer's forwards sent to other processes since the dispatcher's reset
         (0 unless its experts are spread over an expert-parallel group)."""
-        return getattr(self.dispatcher, "sent_bytes", 0)
+        return self.dispatcher.sent_bytes
 
     def routing_stats(self) -> dict[str, Tensor]:
         """Routing.stats() of this layer's last forward ({} before the first)."""

@@ -171,7 +171,10 @@ def _expert_params(model: nn.Module, layout: Layout) -> list[tuple[str, nn.Param
 
 
 def reduce_expert_grads(model: nn.Module, layout: Layout) -> None:
-    """Expert-shard gradients: sum over the dp replicas, divide by W (see the module doc)."""
+    """Expert-shard gradients: sum over the dp replicas, divide by W (see the module doc);
+    nothing without expert parallelism (DDP reduced every gradient)."""
+    if layout.ep is None:
+        return
     for _, p in _expert_params(model, layout):
         if p.grad is None:  # no token reached this shard: a zero gradient, same collectives everywhere
             p.grad = torch.zeros_like(p)
@@ -204,23 +207,22 @@ def sync_router_loads(model: nn.Module, layout: Layout) -> None:
             dist.all_reduce(load)
 
 
-def _ep_dispatchers(model: nn.Module) -> list[ExpertParallelDispatcher]:
-    return [layer.dispatcher for layer in model.moe_layers() if isinstance(layer.dispatcher, ExpertParallelDispatcher)]
-
-
-def step_a2a_bytes(model: nn.Module, layout: Layout) -> int:
-    """Bytes all processes sent each other in all-to-alls since reset_a2a_bytes (forward and
+def step_metrics(model: GPT, layout: Layout) -> dict[str, int]:
+    """What the layout adds to a step's metrics row: under expert parallelism `a2a_bytes`, the
+    bytes all processes sent each other in all-to-alls since reset_a2a_bytes (forward and
     backward of one training step; the backward mirrors the forward)."""
-    sent = sum(2 * d.sent_bytes for d in _ep_dispatchers(model))
-    total = torch.tensor(float(sent), device=layout.device)
+    if layout.ep is None:
+        return {}
+    total = torch.tensor(float(sum(2 * layer.dispatcher.sent_bytes for layer in model.moe_layers())),
+                         device=layout.device)
     dist.all_reduce(total)
-    return int(total)
+    return {"a2a_bytes": int(total)}
 
 
-def reset_a2a_bytes(model: nn.Module) -> None:
-    """Zero the byte counters of the model's expert-parallel dispatchers."""
-    for d in _ep_dispatchers(model):
-        d.reset()
+def reset_a2a_bytes(model: GPT) -> None:
+    """Zero the byte counters of the model's dispatchers."""
+    for layer in model.moe_layers():
+        layer.dispatcher.reset()
 
 
 def full_weights(model: nn.Module, layout: Layout) -> nn.Module | dict[str, torch.Tensor] | None:

@@ -32,7 +32,7 @@ from samoe.train.distributed import (
     clip_grad_norm,
     reduce_expert_grads,
     reset_a2a_bytes,
-    step_a2a_bytes,
+    step_metrics,
     sync_router_loads,
     wrap_ddp,
 )
@@ -137,8 +137,7 @@ def train_step(tr: Trainer, hook: StepHook | None = None) -> dict:
         x, y = tr.train_data.sample_batch(t.batch_size, tr.cfg.model.block_size, tr.data_gen)
     reset_a2a_bytes(model)
     logs = all_mean(forward_backward(tr, x, y, hook), layout)
-    if layout.ep is not None:
-        reduce_expert_grads(model, layout)
+    reduce_expert_grads(model, layout)
     grad_norm = clip_grad_norm(model, layout, t.grad_clip or float("inf"))
     tr.optimizer.step()
     tr.optimizer.zero_grad(set_to_none=True)
@@ -146,9 +145,7 @@ def train_step(tr: Trainer, hook: StepHook | None = None) -> dict:
     model.update_router_biases()
     tr.step += 1
     row = {"step": tr.step, "tokens": tr.step * tr.tokens_per_step, **logs, "lr": lr, "grad_norm": float(grad_norm),
-           "tokens_per_s": tr.tokens_per_step / (time.time() - t0)}
-    if layout.ep is not None:
-        row["a2a_bytes"] = step_a2a_bytes(model, layout)
+           "tokens_per_s": tr.tokens_per_step / (time.time() - t0), **step_metrics(model, layout)}
     return row
 
 
