@@ -89,7 +89,9 @@ class WandB:
         group = cfg.train.wandb_group
         name = f"{run_dir.parent.name}/{run_dir.name}" if group else run_dir.name
         self.run = wandb.init(project=cfg.train.wandb_project, group=group, name=name, id=run_id, resume="allow",
-                              dir=str(run_dir), config=to_dict(cfg), settings=wandb.Settings(silent=True))
+                              dir=str(run_dir), config=to_dict(cfg), settings=wandb.Settings(
+                                  silent=True, console="off", x_disable_stats=True, x_disable_meta=True,
+                                  disable_git=True, save_code=False))  # no sampler processes beside training
         if not id_file.is_file():
             write_text_atomic(id_file, run_id + "\n")
 
