@@ -33,7 +33,16 @@ from __future__ import annotations
 
 import torch
 
-from samoe.config import Config, experts_per_layer, micro_batch, moe_layer_ids, router_top_k
+from samoe.config import (
+    Config,
+    expert_hidden,
+    experts_per_layer,
+    ffn_hidden,
+    micro_batch,
+    moe_layer_ids,
+    residual_hidden,
+    router_top_k,
+)
 from samoe.errors import UserError
 from samoe.model.flops import flops_report
 from samoe.model.gpt import GPT
@@ -73,18 +82,18 @@ def activation_elements(cfg: Config, tokens: int) -> float:
     """Elements kept for the backward by one rank's micro-batch of `tokens` tokens (module docstring)."""
     m, moe = cfg.model, cfg.model.moe
     d = m.d_model
-    f = m.ffn_hidden or 4 * d
+    f = ffn_hidden(m)
     moe_ids, per_token = moe_layer_ids(m), 0.0
     n_exp = experts_per_layer(m) if moe_ids else []
     k = router_top_k(moe)
-    f_e = moe.ffn_hidden or f
+    f_e = expert_hidden(m)
     for i in range(m.n_layers):
         per_token += 10 * d
         if i in moe_ids:
             E = n_exp[moe_ids.index(i)]
             per_token += k * (2 * d + 2 * f_e) + E
             if moe.residual:
-                per_token += 2 * (moe.residual_hidden or f) + d
+                per_token += 2 * residual_hidden(m) + d
         else:
             per_token += 2 * f + d
     return tokens * per_token
