@@ -231,9 +231,10 @@ def check_parallel(device: str, out: Path) -> dict:
     runs = {}
     for name, flags in (("one", []), ("ep2_fsdp", ["--nproc", "2", "--ep", "2", "--fsdp"])):
         run = out / f"parallel-{name}"
-        done = subprocess.run([sys.executable, "-m", "samoe", "train", "--preset", "tiny", "--device", device,
-                               "--out", str(run), "--quiet", "--max-steps=20", "train.log_every=1",
-                               "train.batch_size=8", "train.micro_batch_size=2", *flags], capture_output=True, text=True)
+        cmd = [sys.executable, "-m", "samoe", "train", "--preset", "tiny", "--device", device, "--out", str(run),
+               "--quiet", "--max-steps=20", "train.log_every=1", "train.batch_size=8", "train.micro_batch_size=2",
+               *flags]
+        done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             return {name: {"rc": done.returncode, "stderr_tail": done.stderr[-800:]}, "ok": False}
         runs[name] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -249,7 +250,7 @@ def throughput(device: str, small: bool, repeats: int) -> dict:
     tr = new_trainer(cfg, model, synthetic_stream(cfg), Layout(device=torch.device(device)))
     step = synced_medians({"step": lambda: train_step(tr)}, device, repeats)["step"]
     result = {"default_tokens_per_s": tr.tokens_per_step / step, "default_step_ms": 1000 * step}
-    del tr, model
+    tr = model = None  # free the default model before the layer's
     shape = Shape(2048, 64, 256) if small else Shape(16384, 1024, 4096)
     layer_model = moe_model(shape, 8 if small else 128, top_k=1).to(device)
     x = torch.randn(1, shape.tokens, shape.d_model, device=device, requires_grad=True)

@@ -41,6 +41,7 @@ import os
 import pickle
 import shutil
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -292,8 +293,10 @@ def load_sharded(path: Path, tensors: dict[str, Tensor], partial: bool = False) 
     _verify_files(path, read_manifest(path))
     state = _read_state(path)
     try:
-        dcp.load(tensors, storage_reader=_SafeReader(path), planner=DefaultLoadPlanner(allow_partial_load=partial),
-                 no_dist=not dist.is_initialized())  # a whole model in one process reads every shard
+        with warnings.catch_warnings():  # a whole model in one process reads every shard: intended
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(tensors, storage_reader=_SafeReader(path), planner=DefaultLoadPlanner(allow_partial_load=partial),
+                     no_dist=not dist.is_initialized())
     except Exception as e:  # a name or shape the checkpoint lacks (raised on every process)
         raise CheckpointError(f"checkpoint '{path}' does not match the model: {_dcp_reason(e)}") from None
     return state

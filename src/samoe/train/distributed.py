@@ -143,8 +143,8 @@ def parallelize(model: GPT, layout: Layout) -> GPT:
     process). Under expert parallelism every expert tensor (private experts, the SaMoE pool,
     the shared bank) keeps this process's experts p, p + P, ... along its expert axis, SaMoE
     layers combine that shard, and every MoE layer's tokens go through the expert-parallel
-    dispatcher (layout.ep_axes records the sharded tensors). With layout.fsdp, FSDP2 shards
-    the rest (apply_fsdp). Returns the model."""
+    dispatcher (layout.ep_axes records the sharded tensors). Then it moves the model to the
+    layout's device and, with layout.fsdp, FSDP2 shards the rest (apply_fsdp). Returns the model."""
     layout.ep_axes = {n: a for n, a in expert_axes(model).items() if n in dict(model.named_parameters())} \
         if layout.ep is not None else {}
     if layout.ep is not None:
@@ -161,6 +161,7 @@ def parallelize(model: GPT, layout: Layout) -> GPT:
             layer.dispatcher = ExpertParallelDispatcher(layout.ep, layer.router.num_experts)
             if isinstance(layer.experts, PoolMixture):
                 layer.experts.shard = (layout.ep.rank, layout.ep.size)
+    model.to(layout.device)  # this process's share only, and before FSDP2 (which shards on the mesh's device)
     if layout.fsdp is not None:
         apply_fsdp(model, layout)
     return model
