@@ -14,7 +14,12 @@ writes $OUT/gpu_check.json. Parts:
 3. timing at larger shapes than the 2-core CPU allows: MoE (E = 16, 64) vs dense FFN and SaMoE
    vs MoE layer fwd+bwd, medians of CUDA-synchronised repeats, fp32 and bf16; in bf16 also the
    MoE layer with torch._grouped_mm for its expert GEMMs (issue 16's comparison), which the
-   layer uses on CUDA only once part 1's "grouped_mm" rows have passed.
+   layer uses on CUDA only once part 1's "grouped_mm" rows have passed;
+4. parallel: `samoe train --nproc 2 --ep 2 --fsdp` over nccl against one process (tiny preset,
+   20 steps, worst relative loss gap), when there are 2 GPUs (nccl takes one GPU a process;
+   with one GPU the part says so and is skipped);
+5. bf16 throughput: the default preset's training step (tokens/s) and one paper-scale MoE layer
+   (350m-moe128's: d 1024, 128 experts of width 4096, top-1) fwd+bwd on 16,384 tokens.
 
 Exit status 1 if a correctness check fails.
 """
@@ -36,11 +41,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT / "tests")]
 
 from samoe.bench.layers import Shape, fwd_bwd, moe_model  # noqa: E402
-from samoe.config import load_config  # noqa: E402
+from samoe.config_load import load_config  # noqa: E402
 from samoe.ffn import FeedForward  # noqa: E402
 from samoe.model.gpt import GPT  # noqa: E402
 from samoe.moe import grouped  # noqa: E402
 from samoe.moe.grouped import ExpertSource, grouped_expert_ffn  # noqa: E402
+from samoe.train.distributed import Layout  # noqa: E402
+from samoe.train.loop import new_trainer, train_step  # noqa: E402
+from samoe.train.synthetic import synthetic_stream  # noqa: E402
 from test_grouped import reference  # noqa: E402
 
 
@@ -215,6 +223,49 @@ def timing(device: str, small: bool, repeats: int) -> list[dict]:
     return rows
 
 
+def check_parallel(device: str, out: Path) -> dict:
+    """Part 4: the tiny preset on 2 processes (ep 2 + FSDP2) against one, 20 steps."""
+    gpus = torch.cuda.device_count() if device == "cuda" else 2
+    if gpus < 2:
+        return {"skipped": f"{gpus} GPU: nccl takes one GPU a process, so ep 2 + FSDP needs 2", "ok": True}
+    runs = {}
+    for name, flags in (("one", []), ("ep2_fsdp", ["--nproc", "2", "--ep", "2", "--fsdp"])):
+        run = out / f"parallel-{name}"
+        cmd = [sys.executable, "-m", "samoe", "train", "--preset", "tiny", "--device", device, "--out", str(run),
+               "--quiet", "--max-steps=20", "train.log_every=1", "train.batch_size=8", "train.micro_batch_size=2",
+               *flags]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            return {name: {"rc": done.returncode, "stderr_tail": done.stderr[-800:]}, "ok": False}
+        runs[name] = [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    gap = max(abs(a - b) / a for a, b in zip(runs["one"], runs["ep2_fsdp"]))
+    return {"worst_rel_loss_gap": gap, "steps": len(runs["one"]), "ok": gap < 1e-3}
+
+
+def throughput(device: str, small: bool, repeats: int) -> dict:
+    """Part 5: bf16 tokens/s of the default preset's train_step and of one 350m-moe128 MoE layer."""
+    cfg = load_config(preset="tiny" if small else "default", overrides=["train.dtype=bfloat16"])
+    torch.manual_seed(0)
+    model = GPT(cfg.model).to(device)
+    tr = new_trainer(cfg, model, synthetic_stream(cfg), Layout(device=torch.device(device)))
+    step = synced_medians({"step": lambda: train_step(tr)}, device, repeats)["step"]
+    result = {"default_tokens_per_s": tr.tokens_per_step / step, "default_step_ms": 1000 * step}
+    tr = model = None  # free the default model before the layer's
+    shape = Shape(2048, 64, 256) if small else Shape(16384, 1024, 4096)
+    layer_model = moe_model(shape, 8 if small else 128, top_k=1).to(device)
+    x = torch.randn(1, shape.tokens, shape.d_model, device=device, requires_grad=True)
+    ids = torch.zeros(1, shape.tokens, dtype=torch.long, device=device)
+    fn = fwd_bwd(layer_model.moe_layers()[0], x, ids, layer_model)
+
+    def bf16():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            fn()
+    t = synced_medians({"layer": bf16}, device, repeats)["layer"]
+    result.update({"paper_layer_tokens_per_s": shape.tokens / t, "paper_layer_ms": 1000 * t,
+                   "paper_layer": f"d {shape.d_model}, {8 if small else 128} experts of width {shape.hidden}, top-1"})
+    return result
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -229,12 +280,15 @@ def main() -> int:
     for name, fn in [("grouped", lambda: check_grouped(args.device, args.small)),
                      ("model", lambda: check_model(args.device)),
                      ("training", lambda: check_training(args.device, out, 20 if args.small else 200)),
-                     ("timing", lambda: timing(args.device, args.small, 3 if args.small else args.repeats))]:
+                     ("timing", lambda: timing(args.device, args.small, 3 if args.small else args.repeats)),
+                     ("parallel", lambda: check_parallel(args.device, out)),
+                     ("throughput", lambda: throughput(args.device, args.small, 3 if args.small else args.repeats))]:
         t0 = time.time()
         report[name] = fn()
         print(f"{name} ({time.time() - t0:.0f}s): {json.dumps(report[name])}", flush=True)
         (out / "gpu_check.json").write_text(json.dumps(report, indent=2) + "\n")
-    ok = all(r["ok"] for r in report["grouped"]) and report["model"]["ok"] and report["training"]["ok"]
+    ok = (all(r["ok"] for r in report["grouped"]) and report["model"]["ok"] and report["training"]["ok"]
+          and report["parallel"]["ok"])
     print("correctness:", "ok" if ok else "FAILED")
     return 0 if ok else 1
 

@@ -1,11 +1,15 @@
-"""Data + expert parallel training on 2 (and 4) CPU processes over gloo, against one process:
+"""Data, expert and fully sharded parallel training on 2 (and 4) CPU processes over gloo, against
+one process:
 
 - an expert-parallel MoE layer gives the single-process outputs and gradients, for every router,
   with capacity and dropless, for private experts, the SaMoE pool and the shared bank;
 - `samoe train --nproc 2 --ep 2` logs the same loss and clipped gradient norm at every step as
-  one process with the same global batch (and so do pure data parallel and dp 2 x ep 2);
-- a checkpoint written by 2 processes resumes on 1 with the same next steps, and the reverse;
-- impossible layouts are one-line errors with exit status 2.
+  one process with the same global batch, and so do pure data parallel, dp 2 x ep 2, ep 4, FSDP2
+  on 2 and FSDP2 beside ep 2 on 4;
+- a sharded checkpoint written by 4 processes (ep 2, FSDP) resumes on 2 and on 1 with the same
+  next steps, a one-process checkpoint on 4, and both formats export the same tensors;
+- a process killed mid-save leaves the previous checkpoint loadable; a missing or corrupt shard
+  is one line; impossible layouts are one-line errors with exit status 2.
 """
 
 import json
@@ -25,6 +29,7 @@ import torch.multiprocessing as mp
 
 from helpers import read_metrics, write_corpus
 from samoe.analysis import gradflow
+from samoe.checkpoint import MANIFEST, latest_checkpoint, load_checkpoint, save_checkpoint
 from samoe.config_load import load_config
 from samoe.data.dataset import TokenStream
 from samoe.model.gpt import GPT
@@ -32,7 +37,6 @@ from samoe.moe.dispatch import record_moe
 from samoe.moe.expert_parallel import take_shard
 from samoe.train import distributed
 from samoe.train.loop import new_trainer
-from samoe.train.optim import build_optimizer
 from samoe.train.perplexity import evaluate
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
@@ -211,30 +215,37 @@ def _assert_same_curve(a: list[dict], b: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """One process; ep = 2 on 2 processes (launched by torchrun itself); 2 data-parallel processes
-    and dp 2 x ep 2 on 4 (launched by `samoe train --nproc`). Same data and global batch."""
+    """One process; ep = 2 on 2 processes (launched by torchrun itself); 2 data-parallel processes,
+    dp 2 x ep 2, ep 4, FSDP2 on 2 and FSDP2 with ep 2 on 4 (launched by `samoe train --nproc`).
+    Same data and global batch."""
     root = tmp_path_factory.mktemp("dist")
     env = {"SAMOE_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
     corpus = write_corpus(root / "corpus.txt")
     out = {}
     for name, extra, torchrun in [("one", (), 0), ("ep2", ("--ep", "2"), 2), ("dp2", ("--nproc", "2"), 0),
-                                  ("dp2ep2", ("--nproc", "4", "--ep", "2"), 0)]:
+                                  ("dp2ep2", ("--nproc", "4", "--ep", "2"), 0), ("ep4", ("--nproc", "4", "--ep", "4"), 0),
+                                  ("fsdp2", ("--nproc", "2", "--fsdp"), 0),
+                                  ("ep2fsdp4", ("--nproc", "4", "--ep", "2", "--fsdp"), 0)]:
         out[name] = root / name
         done = _samoe(*_run_args(corpus, out[name]), *extra, env=env, torchrun=torchrun)
         assert done.returncode == 0, done.stderr[-3000:]
     return root, corpus, env, out
 
 
-@pytest.mark.parametrize("name", ["ep2", "dp2", "dp2ep2"])
+@pytest.mark.parametrize("name", ["ep2", "dp2", "dp2ep2", "ep4", "fsdp2", "ep2fsdp4"])
 def test_parallel_runs_log_the_single_process_loss_and_grad_norm_at_every_step(runs, name):
     _, _, _, out = runs
     one, parallel = read_metrics(out["one"]), read_metrics(out[name])
     assert len(one) == 20
     _assert_same_curve(one, parallel)
+    assert max(abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(one, parallel)) < 1e-3
     summary = json.loads((out[name] / "summary.json").read_text())
-    assert summary["processes"] == (4 if name == "dp2ep2" else 2)
+    assert summary["processes"] == (4 if name in ("dp2ep2", "ep4", "ep2fsdp4") else 2)
+    assert summary["fsdp"] == ("fsdp" in name)
+    coefficients = json.loads((out["one"] / "summary.json").read_text())["pool_coefficients"]
+    assert np.allclose(summary["pool_coefficients"], coefficients, rtol=1e-3)  # gathered whole under FSDP
     # with experts spread over processes, the all-to-all traffic is logged; none without
-    if name == "dp2":
+    if name in ("dp2", "fsdp2"):
         assert all("a2a_bytes" not in r for r in parallel)
     else:
         assert all(r["a2a_bytes"] > 0 for r in parallel)
@@ -247,30 +258,121 @@ def _rewind(src: Path, dst: Path, step: int) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("src,resume_with", [("ep2", ("train.ep=1",)), ("one", ("--nproc", "2", "--ep", "2")),
-                                            ("dp2ep2", ("--nproc", "2", "--ep", "2"))])
+@pytest.mark.parametrize("src,resume_with", [
+    ("ep2", ("train.ep=1",)), ("one", ("--nproc", "2", "--ep", "2")), ("dp2ep2", ("--nproc", "2", "--ep", "2")),
+    ("ep2fsdp4", ("--nproc", "2", "train.ep=1", "train.fsdp=false")),  # sharded, 4 -> 2 processes, no FSDP
+    ("ep2fsdp4", ("train.ep=1",)),  # sharded -> one process
+    ("one", ("--nproc", "4", "--ep", "2", "--fsdp")),  # one-process format -> sharded layout
+    ("fsdp2", ("--nproc", "4", "--ep", "4", "train.fsdp=false"))])
 def test_checkpoints_move_between_process_counts(runs, tmp_path, src, resume_with):
+    """Steps 11-20 after resuming step 10 in another layout are those of the uninterrupted run
+    (to float tolerance: the layouts sum in different orders), optimiser state included."""
     root, _, env, out = runs
     run = _rewind(out[src], tmp_path / "resumed", 10)
     done = _samoe("train", "--resume", "--out", str(run), "--quiet", *resume_with, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    _assert_same_curve(read_metrics(out["one"]), read_metrics(run))
+    _assert_same_curve(read_metrics(out[src]), read_metrics(run))
+    assert max(abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(read_metrics(out[src]), read_metrics(run))) < 1e-3
 
 
-def test_checkpoint_holds_the_full_model_and_optimizer(runs):
+def test_a_sharded_checkpoint_is_written_by_every_process_and_records_its_layout(runs):
     _, _, _, out = runs
-    from samoe.checkpoint import load_checkpoint
+    ckpt = out["ep2fsdp4"] / "checkpoints" / "step-000020"
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    assert manifest["step"] == 20 and manifest["layout"] == {"processes": 4, "ep": 2, "fsdp": True}
+    assert manifest["expert_axes"]["expert_pool.w1"] == 1
+    shards = {f: (ckpt / f).stat().st_size for f in manifest["files"] if f.endswith(".distcp")}
+    assert sorted(shards) == [f"__{r}_0.distcp" for r in range(4)]
+    assert max(shards.values()) < 0.5 * sum(shards.values())  # no process wrote the whole model
+    assert set(manifest["files"]) == {p.name for p in ckpt.iterdir()} - {MANIFEST}
+    model = GPT(load_config(out["ep2fsdp4"] / "config.yaml").model)
+    state = load_checkpoint(ckpt, model)  # a whole model, one process
+    assert state["step"] == 20 and len(state["rng"]["torch_by_rank"]) == 4
 
-    cfg = load_config(out["ep2"] / "config.yaml")
-    model = GPT(cfg.model)
-    state = load_checkpoint(out["ep2"] / "checkpoints" / "step-000020", model)
-    pool = model.expert_pool.w1
-    assert pool.shape[1] == 4  # every expert, not a shard
-    optimizer = build_optimizer(model, cfg.train)
-    order = [p for g in optimizer.param_groups for p in g["params"]]  # state_dict's integer keys
-    moments = state["optimizer"]["state"][next(i for i, p in enumerate(order) if p is model.expert_pool.w1)]
-    assert moments["exp_avg"].shape == pool.shape
-    assert len(state["rng"]["torch_by_rank"]) == 2
+
+def test_export_of_a_sharded_checkpoint_equals_that_of_the_same_weights_in_one_file(runs, tmp_path):
+    from safetensors.torch import load_file
+
+    _, _, env, out = runs
+    sharded = tmp_path / "sharded"
+    shutil.copytree(out["ep2fsdp4"], sharded)
+    single = tmp_path / "single"  # the same weights, written by one process
+    shutil.copytree(out["ep2fsdp4"], single)
+    shutil.rmtree(single / "checkpoints")
+    model = GPT(load_config(sharded / "config.yaml").model)
+    load_checkpoint(latest_checkpoint(sharded), model)
+    save_checkpoint(single, 20, model, {})
+    tensors = []
+    for run in (sharded, single):
+        done = _samoe("export", str(run), "--out", str(tmp_path / f"hf-{run.name}"), env=env)
+        assert done.returncode == 0, done.stderr[-2000:]
+        files = sorted((tmp_path / f"hf-{run.name}").glob("*.safetensors"))
+        tensors.append({k: v for f in files for k, v in load_file(f).items()})
+    assert tensors[0].keys() == tensors[1].keys() and len(tensors[0]) > 10
+    for name, t in tensors[0].items():
+        assert torch.equal(t, tensors[1][name]), name
+
+
+def _break(ckpt: Path, how: str) -> Path:
+    shard = ckpt / "__1_0.distcp"
+    if how == "missing":
+        shard.unlink()
+    else:
+        data = bytearray(shard.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        shard.write_bytes(bytes(data))
+    return shard
+
+
+@pytest.mark.parametrize("how", ["missing", "corrupt"])
+def test_a_missing_or_corrupt_shard_is_one_line_naming_it(runs, tmp_path, how):
+    _, _, env, out = runs
+    run = _rewind(out["ep2fsdp4"], tmp_path / "broken", 10)
+    shard = _break(run / "checkpoints" / "step-000010", how)
+    for args in (("train", "--resume", "--out", str(run), "--quiet", "--nproc", "2"), ("eval", str(run))):
+        done = _samoe(*args, env=env)
+        assert done.returncode == 2, done.stderr[-2000:]
+        lines = [line for line in done.stderr.strip().splitlines() if not line.startswith("run directory")]
+        assert lines == [f"samoe: error: checkpoint shard '{shard}' is {how}" + (
+            ": its SHA-256 differs from the manifest's" if how == "corrupt" else "")], done.stderr
+
+
+KILL_DURING_SHARDED_SAVE = """
+import os, signal, sys, torch
+from samoe import checkpoint
+from samoe.config_load import load_config
+from samoe.model.gpt import GPT
+from samoe.train import distributed
+from samoe.train.loop import new_trainer
+from samoe.train.run import restore
+run = sys.argv[1]
+cfg = load_config(os.path.join(run, "config.yaml"))
+layout, _ = distributed.init_layout(cfg, torch.device("cpu"))
+tr = new_trainer(cfg, distributed.parallelize(GPT(cfg.model), layout), None, layout)
+restore(tr, checkpoint.latest_checkpoint(run))
+def dying_save(obj, f, *a, **k):  # the main process writes state.pt after every shard is on disk
+    os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.torch.save = dying_save
+distributed.init_optimizer_state(tr.optimizer)
+checkpoint.save_sharded(run, 20, distributed.checkpoint_tensors(tr.model, tr.optimizer, layout), {}, {"expert_axes": {}})
+"""
+
+
+def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_and_the_run_resumes(runs, tmp_path):
+    _, _, env, out = runs
+    run = _rewind(out["fsdp2"], tmp_path / "killed", 10)
+    shutil.rmtree(run / "checkpoints" / "step-000020")
+    script = tmp_path / "kill_during_save.py"
+    script.write_text(KILL_DURING_SHARDED_SAVE)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(script), str(run)], capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    assert proc.returncode != 0
+    assert list((run / "checkpoints").glob(".step-000020.*.tmp"))  # the shards of the save that died
+    assert latest_checkpoint(run).name == "step-000010"
+    done = _samoe("train", "--resume", "--out", str(run), "--quiet", "--nproc", "2", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_curve(read_metrics(out["fsdp2"]), read_metrics(run))
+    assert latest_checkpoint(run).name == "step-000020" and not list((run / "checkpoints").glob(".*tmp"))
 
 
 @pytest.mark.parametrize("flags,overrides,message", [

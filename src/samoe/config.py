@@ -144,6 +144,7 @@ class TrainConfig:
     # sequences per forward (and per routing group); null: the whole per-process batch
     micro_batch_size: int | None = None
     ep: int = 1  # expert-parallel group size: each process holds E/ep experts of every layer (divides process count)
+    fsdp: bool = False  # shard every weight not left to expert parallelism over all processes (FSDP2)
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 50

@@ -71,7 +71,7 @@ import torch
 from tqdm import tqdm
 
 from samoe.analysis.gradstats import check_micro_batches, measure_steps
-from samoe.checkpoint import latest_checkpoint, load_checkpoint
+from samoe.checkpoint import latest_checkpoint
 from samoe.config import ROUTERS, SHARING, Config
 from samoe.config_load import from_dict, load_config, to_dict
 from samoe.data.prepare import load_splits
@@ -82,7 +82,7 @@ from samoe.model.gpt import GPT
 from samoe.plots import pyplot, save_png
 from samoe.runs import load_run_config
 from samoe.train.loop import new_trainer
-from samoe.train.run import restore_state
+from samoe.train.run import restore
 
 DEFAULT_ROUTERS = ("switch", "gshard", "base", "hash")
 DEFAULT_EXPERTS = (4, 8, 16, 32, 64)
@@ -157,10 +157,8 @@ def measure_run(run_dir: str | Path, steps: int, overrides: list[str] = (), prog
         raise UserError(f"--steps {steps} is invalid; expected an integer >= 1")
     splits = load_splits(cfg.data, cfg.model.vocab_size, load_tokenizer(run_dir / TOKENIZER_FILE))
     model = GPT(cfg.model)
-    ckpt = latest_checkpoint(run_dir)
-    state = load_checkpoint(ckpt, model)
     tr = new_trainer(cfg, model, splits.train)
-    restore_state(tr, state, ckpt)
+    restore(tr, latest_checkpoint(run_dir))
     start = tr.step
     result = measure_steps(tr, splits.val, steps, 0, progress, run_dir.name)
     return {"run": str(run_dir), "checkpoint_step": start, "router": cfg.model.moe.router,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from samoe.config import ModelConfig, expert_hidden, experts_per_layer, ffn_hidden, moe_layer_ids, residual_hidden
 from samoe.ffn import FeedForward, make_norm
@@ -194,7 +195,14 @@ class GPT(nn.Module):
         None unless sharing = "pool": what summary.json keeps of how the layers use the pool."""
         if self.expert_pool is None:
             return None
-        return [layer.experts.coefficients().tolist() for layer in self.moe_layers()]
+        coefficients = [layer.experts.coefficients() for layer in self.moe_layers()]
+        # sharded by FSDP2: gathered, so every process must call this
+        return [(c.full_tensor() if isinstance(c, DTensor) else c).tolist() for c in coefficients]
+
+    def router_loads(self) -> list[Tensor]:
+        """The loads (slots chosen per expert) each auxiliary-loss-free router counted since its
+        last bias update: a data-parallel run sums them over processes before the update."""
+        return [layer.router.recent_load for layer in self.moe_layers() if isinstance(layer.router, TopKRouter)]
 
     @torch.no_grad()
     def update_router_biases(self) -> None:

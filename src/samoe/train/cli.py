@@ -17,7 +17,7 @@ from samoe.verbs import config_args
 
 # everyday flags -> the config keys they set (after the positional overrides)
 FLAG_KEYS = (("max_steps", "train.max_steps"), ("seed", "train.seed"), ("device", "train.device"),
-             ("ep", "train.ep"), ("data", "data.path"))
+             ("ep", "train.ep"), ("fsdp", "train.fsdp"), ("data", "data.path"))
 
 
 def train_args(p: argparse.ArgumentParser) -> None:
@@ -33,6 +33,8 @@ def train_args(p: argparse.ArgumentParser) -> None:
                    help="run N processes on this machine (torchrun --standalone); train.batch_size stays global")
     p.add_argument("--ep", type=int, metavar="P",
                    help="expert-parallel size (train.ep): experts spread over P processes")
+    p.add_argument("--fsdp", action="store_const", const=True,
+                   help="shard every other weight over all processes with FSDP2 (train.fsdp)")
     p.add_argument("--init-from", metavar="RUN_DIR|HF_DIR", help="sparse upcycling: start from a dense run, its "
                    "samoe-hf export or a Llama-architecture Hugging Face checkpoint; every expert starts as the "
                    "dense FFN, routers fresh (docs/interop.md)")

@@ -1,39 +1,50 @@
-"""Data + expert parallel training on torch.distributed (launched by torchrun).
+"""Data, expert and fully sharded parallel training on torch.distributed (launched by torchrun).
 
 Layout: W processes form W/P expert-parallel groups of P = train.ep consecutive ranks. A group
 shares one copy of the experts, each process holding E/P of every layer
 (moe/expert_parallel.py); the W/P copies are replicas (a "dp" group per shard). Everything
-that is not an expert is replicated on all W processes.
+that is not an expert is replicated on all W processes (DDP), or with train.fsdp sharded over
+all W of them by FSDP2 (`fully_shard`: each block one unit, a SaMoE pool or shared bank its
+own, the embeddings and head the root's), the experts too when P = 1.
 
 The configured batch is the global batch: every process draws the same window offsets and
 keeps its 1/W slice, so a run's data, hyperparameters and results do not depend on W (with
 `train.micro_batch_size` set, even the routing groups are the same). Gradients of the global
 mean loss L = (1/W) Σ_r L_r:
 
-    non-expert:  DDP averages over all W processes;
+    non-expert:  DDP averages over all W processes (FSDP2 reduce-scatters the average);
     expert:      after backward an expert shard holds Σ_{r in its ep group} ∂L_r/∂W_e; it is
                  summed over its dp replicas and divided by W.
 
-Clipping uses the true global norm: ‖g‖² = ‖g_replicated‖² + Σ_{ep group} ‖g_expert shard‖²
-(each shard counted once). Checkpoints hold the full model, gathered on save and sliced on
-load, so a run moves freely between process counts and expert-parallel sizes.
+Clipping uses the true global norm: ‖g‖² = ‖g_replicated‖² + ‖g_FSDP‖² (over all shards) +
+Σ_{ep group} ‖g_expert shard‖² (each shard counted once). Checkpoints of more than one process
+are sharded (checkpoint.py): each process writes what it holds, and a checkpoint of any layout
+loads under any other.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from safetensors import SafetensorError
+from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.nn.parallel import DistributedDataParallel
 
+from samoe.checkpoint import expert_pieces, first_line
 from samoe.config import Config
-from samoe.errors import ConfigError, UserError
+from samoe.errors import CheckpointError, ConfigError, UserError
 from samoe.model.gpt import GPT
-from samoe.moe.expert_parallel import ExpertParallel, ExpertParallelDispatcher, gather_shards, take_shard
+from samoe.moe.expert_parallel import ExpertParallel, ExpertParallelDispatcher, take_shard
 from samoe.moe.experts import ExpertWeights, PoolMixture
 
 
@@ -46,7 +57,9 @@ class Layout:
     device: torch.device = torch.device("cpu")
     ep: ExpertParallel | None = None  # set when train.ep > 1
     dp_group: dist.ProcessGroup | None = None  # replicas of this process's expert shard
-    expert_axes: dict[str, int] = field(default_factory=dict)  # sharded parameter -> its expert axis
+    ep_axes: dict[str, int] = field(default_factory=dict)  # expert-parallel sharded tensor -> its expert axis
+    fsdp: DeviceMesh | None = None  # all W processes, when train.fsdp shards the rest over them
+    bf16: bool = False  # train.dtype = bfloat16: FSDP2 computes and gathers in bf16, reduces in fp32
 
     @property
     def is_main(self) -> bool:
@@ -95,7 +108,7 @@ def init_layout(cfg: Config, device: torch.device) -> tuple[Layout, torch.device
     groups; nccl on GPU, gloo on CPU. Returns the layout and this process's device."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     check_layout(cfg, world)
-    if world == 1:
+    if world == 1:  # train.fsdp and train.ep = 1 are no-ops on one process
         return Layout(device=device), device
     if device.type == "cuda":
         per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
@@ -113,69 +126,108 @@ def init_layout(cfg: Config, device: torch.device) -> tuple[Layout, torch.device
     ep_groups = [dist.new_group(list(range(g, g + P))) for g in range(0, world, P)]
     dp_groups = [dist.new_group(list(range(p, world, P))) for p in range(P)]
     ep = ExpertParallel(ep_groups[rank // P], rank % P, P) if P > 1 else None
-    return Layout(world, rank, device, ep, dp_groups[rank % P]), device
+    mesh = init_device_mesh(device.type, (world,)) if cfg.train.fsdp else None
+    return Layout(world, rank, device, ep, dp_groups[rank % P], fsdp=mesh, bf16=cfg.train.dtype == "bfloat16"), device
 
 
 def expert_axes(model: nn.Module) -> dict[str, int]:
     """Name -> expert axis of every expert tensor (those an expert-parallel process holds a
-    share of)."""
-    return {f"{name}.{pname}" if name else pname: module.expert_axis
+    share of), parameters and buffers (`bias: false` keeps zero buffers) alike."""
+    return {f"{name}.{tname}" if name else tname: module.expert_axis
             for name, module in model.named_modules() if isinstance(module, ExpertWeights)
-            for pname, _ in module.named_parameters(recurse=False)}
+            for tname in ("w1", "b1", "w2", "b2")}
 
 
 def parallelize(model: GPT, layout: Layout) -> GPT:
     """Apply the layout's parallelism to a model built whole (GPT(cfg), the same on every
-    process): under expert parallelism every expert tensor (private experts, the SaMoE pool,
+    process). Under expert parallelism every expert tensor (private experts, the SaMoE pool,
     the shared bank) keeps this process's experts p, p + P, ... along its expert axis, SaMoE
     layers combine that shard, and every MoE layer's tokens go through the expert-parallel
-    dispatcher. Records the sharded tensors' expert axes in layout.expert_axes. Returns the model."""
-    layout.expert_axes = expert_axes(model) if layout.ep is not None else {}
-    if layout.ep is None:
-        return model
-    for module in model.modules():
-        if isinstance(module, ExpertWeights):
-            for name in ("w1", "b1", "w2", "b2"):
-                t = getattr(module, name)
-                shard = take_shard(t.data, module.expert_axis, layout.ep)
-                if isinstance(t, nn.Parameter):
-                    setattr(module, name, nn.Parameter(shard, requires_grad=t.requires_grad))
-                else:  # `bias: false`: constant zero buffers
-                    module.register_buffer(name, shard, persistent=False)
-    for layer in model.moe_layers():
-        layer.dispatcher = ExpertParallelDispatcher(layout.ep, layer.router.num_experts)
-        if isinstance(layer.experts, PoolMixture):
-            layer.experts.shard = (layout.ep.rank, layout.ep.size)
+    dispatcher (layout.ep_axes records the sharded tensors). Then it moves the model to the
+    layout's device and, with layout.fsdp, FSDP2 shards the rest (apply_fsdp). Returns the model."""
+    layout.ep_axes = {n: a for n, a in expert_axes(model).items() if n in dict(model.named_parameters())} \
+        if layout.ep is not None else {}
+    if layout.ep is not None:
+        for module in model.modules():
+            if isinstance(module, ExpertWeights):
+                for name in ("w1", "b1", "w2", "b2"):
+                    t = getattr(module, name)
+                    shard = take_shard(t.data, module.expert_axis, layout.ep)
+                    if isinstance(t, nn.Parameter):
+                        setattr(module, name, nn.Parameter(shard, requires_grad=t.requires_grad))
+                    else:  # `bias: false`: constant zero buffers
+                        module.register_buffer(name, shard, persistent=False)
+        for layer in model.moe_layers():
+            layer.dispatcher = ExpertParallelDispatcher(layout.ep, layer.router.num_experts)
+            if isinstance(layer.experts, PoolMixture):
+                layer.experts.shard = (layout.ep.rank, layout.ep.size)
+    model.to(layout.device)  # this process's share only, and before FSDP2 (which shards on the mesh's device)
+    if layout.fsdp is not None:
+        apply_fsdp(model, layout)
     return model
 
 
-def reshard(layout: Layout):
-    """For load_checkpoint: cut a stored (whole) expert tensor to this process's experts."""
-    if layout.ep is None:
-        return None
-    return lambda name, t: take_shard(t, layout.expert_axes[name], layout.ep) if name in layout.expert_axes else t
+def apply_fsdp(model: GPT, layout: Layout) -> None:
+    """FSDP2 over all processes: each block one unit, a SaMoE pool or shared bank its own (read
+    through its forward by every layer, so kept gathered from its first use until the backward
+    is done), the root the embeddings, final norm and head. Expert tensors are sharded along
+    their expert axis, so a process holds whole experts; under expert parallelism they are left
+    to it (ignored here). bf16: compute and all-gathers in bf16, gradients reduced in fp32."""
+    params = dict(model.named_parameters())
+    axis_of = {params[n]: a for n, a in expert_axes(model).items() if n in params}
+    ignored = {params[n] for n in layout.ep_axes}
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if layout.bf16 \
+        else MixedPrecisionPolicy()
+
+    def shard(module: nn.Module, **kw) -> None:
+        fully_shard(module, mesh=layout.fsdp, mp_policy=mp, ignored_params=ignored,
+                    shard_placement_fn=lambda p: Shard(axis_of.get(p, 0)), **kw)
+
+    for block in model.blocks:
+        shard(block)
+    for shared in (model.expert_pool, model.expert_bank):
+        if shared is not None and layout.ep is None:
+            shard(shared, reshard_after_forward=False)
+    shard(model)
 
 
 def wrap_ddp(model: nn.Module, layout: Layout, device: torch.device) -> nn.Module:
-    """DDP over the replicated parameters (expert shards are left to reduce_expert_grads)."""
-    if layout.world == 1:
+    """DDP over the replicated parameters (expert shards are left to reduce_expert_grads); the
+    model itself on one process or under FSDP2 (which reduces in its backward hooks)."""
+    if layout.world == 1 or layout.fsdp is not None:
         return model
     # DDP's (private, long-standing) way to leave parameters out of its reduction
-    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(layout.expert_axes))
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(layout.ep_axes))
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                    forward_sync_buffers=False)  # buffers change identically everywhere
 
 
-def _expert_params(model: nn.Module, layout: Layout) -> list[tuple[str, nn.Parameter]]:
-    return [(n, p) for n, p in model.named_parameters() if n in layout.expert_axes]
+@contextmanager
+def gradient_sync_paused(wrapped: nn.Module, layout: Layout) -> Iterator[None]:
+    """A micro-batch whose gradients only accumulate: no reduction until the step's last one."""
+    if layout.fsdp is not None:
+        wrapped.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            wrapped.set_requires_gradient_sync(True)
+    elif layout.world > 1:
+        with wrapped.no_sync():
+            yield
+    else:
+        yield
+
+
+def _ep_params(model: nn.Module, layout: Layout) -> list[nn.Parameter]:
+    return [p for n, p in model.named_parameters() if n in layout.ep_axes]
 
 
 def reduce_expert_grads(model: nn.Module, layout: Layout) -> None:
     """Expert-shard gradients: sum over the dp replicas, divide by W (see the module doc);
-    nothing without expert parallelism (DDP reduced every gradient)."""
+    nothing without expert parallelism (DDP or FSDP2 reduced every gradient)."""
     if layout.ep is None:
         return
-    for _, p in _expert_params(model, layout):
+    for p in _ep_params(model, layout):
         if p.grad is None:  # no token reached this shard: a zero gradient, same collectives everywhere
             p.grad = torch.zeros_like(p)
         if layout.world > layout.ep.size:
@@ -185,26 +237,36 @@ def reduce_expert_grads(model: nn.Module, layout: Layout) -> None:
 
 def clip_grad_norm(model: nn.Module, layout: Layout, max_norm: float) -> torch.Tensor:
     """Scale all gradients so the global norm is at most max_norm; return the global norm."""
-    if layout.ep is None:  # everything replicated: the local norm is the global one
+    if layout.world == 1 or (layout.ep is None and layout.fsdp is None):  # the local norm is the global one
         return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    replicated = torch.nn.utils.get_total_norm([g for n, g in grads.items() if n not in layout.expert_axes])
-    sharded = torch.nn.utils.get_total_norm([g for n, g in grads.items() if n in layout.expert_axes]) ** 2
-    dist.all_reduce(sharded, group=layout.ep.group)
-    total = (replicated.to(sharded.dtype) ** 2 + sharded).sqrt()
-    torch.nn.utils.clip_grads_with_norm_(model.parameters(), max_norm, total)
+    with_grad = [p for p in model.parameters() if p.grad is not None]
+    ep_ids = {id(p) for p in _ep_params(model, layout)}
+    sharded = [p for p in with_grad if isinstance(p.grad, DTensor)]  # FSDP2's shards
+    expert = [p for p in with_grad if id(p) in ep_ids]
+    replicated = [p for p in with_grad if id(p) not in ep_ids and not isinstance(p.grad, DTensor)]
+    squares = torch.zeros((), dtype=torch.float64, device=layout.device)
+    if sharded:  # a norm over all processes' shards (the same parameters on every process)
+        squares += torch.nn.utils.get_total_norm([p.grad for p in sharded]).full_tensor().double() ** 2
+    if expert:
+        part = torch.nn.utils.get_total_norm([p.grad for p in expert]).double() ** 2
+        dist.all_reduce(part, group=layout.ep.group)
+        squares += part
+    if replicated:
+        squares += torch.nn.utils.get_total_norm([p.grad for p in replicated]).double() ** 2
+    total = squares.sqrt().float()
+    for group in (sharded, expert + replicated):  # DTensor and plain gradients scale separately
+        if group:
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)
     return total
 
 
-def sync_router_loads(model: nn.Module, layout: Layout) -> None:
+def sync_router_loads(model: GPT, layout: Layout) -> None:
     """Sum the loads the aux-loss-free bias update uses over all processes, so every replica
     of a router takes the same step."""
     if layout.world == 1:
         return
-    for layer in model.moe_layers():
-        load = getattr(layer.router, "recent_load", None)
-        if load is not None:
-            dist.all_reduce(load)
+    for load in model.router_loads():
+        dist.all_reduce(load)
 
 
 def step_metrics(model: GPT, layout: Layout) -> dict[str, int]:
@@ -225,59 +287,111 @@ def reset_a2a_bytes(model: GPT) -> None:
         layer.dispatcher.reset()
 
 
-def full_weights(model: nn.Module, layout: Layout) -> nn.Module | dict[str, torch.Tensor] | None:
-    """What the main process saves: the model itself, or under expert parallelism its tensors
-    by name (tied ones once) with the expert shards gathered into whole tensors one at a time,
-    in CPU memory. None on the other processes; the first ep group takes part."""
-    if layout.ep is None:
-        return model if layout.is_main else None
-    if layout.rank >= layout.ep.size:
-        return None
-    out, taken = {}, set()
-    for name, t in model.state_dict().items():
-        if name in layout.expert_axes:
-            t = gather_shards(t, layout.expert_axes[name], layout.ep)  # every member of the group takes part
-        elif t.data_ptr() in taken:  # tied to a tensor already taken
-            continue
+# --------------------------------------------------------------------------- checkpoints
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give every parameter AdamW state (zero moments, step 0) that has none, as its first step
+    would: the tensors a checkpoint is loaded into."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not optimizer.state[p]:
+                optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                      "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _held(t: Tensor, axis: int, layout: Layout, ep_sharded: bool) -> tuple[Tensor, list[int]]:
+    """This process's part of an expert tensor and the global experts it holds along `axis`."""
+    if isinstance(t, DTensor):  # FSDP2: a contiguous run of experts
+        shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+        return t.to_local(), list(range(offset[axis], offset[axis] + shape[axis]))
+    if ep_sharded:  # experts p, p + P, ...
+        return t, list(range(layout.ep.rank, t.shape[axis] * layout.ep.size, layout.ep.size))
+    return t, list(range(t.shape[axis]))
+
+
+def checkpoint_tensors(model: nn.Module, optimizer: torch.optim.Optimizer | None, layout: Layout) -> dict[str, Tensor]:
+    """What this process holds of the model and its AdamW state, by the names a sharded
+    checkpoint uses (checkpoint.py): `model.<name>`, `optim.<name>.<moment>`, expert tensors one
+    expert at a time. The tensors are the model's and optimiser's own (views), so loading into
+    them loads the run."""
+    axes = expert_axes(model)
+    out: dict[str, Tensor] = {}
+
+    def add(key: str, name: str, t: Tensor) -> None:
+        if name in axes and t.dim():
+            local, experts = _held(t, axes[name], layout, name in layout.ep_axes)
+            out.update(expert_pieces(key, local, axes[name], experts))
         else:
-            taken.add(t.data_ptr())
-        if layout.is_main:
-            out[name] = t.cpu().contiguous()
-    return out if layout.is_main else None
+            out[key] = t
+
+    for name, t in model.state_dict().items():
+        add(f"model.{name}", name, t)
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                for moment, t in optimizer.state[p].items():
+                    add(f"optim.{names[id(p)]}.{moment}", names[id(p)], t)
+    return out
 
 
-def _map_expert_moments(state: dict, optimizer: torch.optim.Optimizer, model: nn.Module, layout: Layout, fn) -> dict:
-    """state with fn(tensor, expert axis, ep) applied to the Adam moments (exp_avg,
-    exp_avg_sq; not the scalar step) of every expert parameter."""
-    name_of = {id(p): n for n, p in model.named_parameters()}
-    names = [name_of[id(p)] for g in optimizer.param_groups for p in g["params"]]  # state_dict's integer keys
-    for i, name in enumerate(names):
-        if name in layout.expert_axes and i in state["state"]:
-            axis = layout.expert_axes[name]
-            state["state"][i] = {k: fn(v, axis, layout.ep) if isinstance(v, torch.Tensor) and v.dim() else v
-                                 for k, v in state["state"][i].items()}
-    return state
+def copy_from_full(target: Tensor, full: Tensor, key: str) -> None:
+    """Copy into `target` (a plain tensor, or this process's shard of a DTensor) its part of the
+    whole tensor `full`."""
+    if tuple(full.shape) != tuple(target.shape):
+        raise CheckpointError(f"checkpoint tensor {key} has shape {list(full.shape)}, the model {list(target.shape)}")
+    if isinstance(target, DTensor):
+        shape, offset = compute_local_shape_and_global_offset(full.shape, target.device_mesh, target.placements)
+        full = full[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+        target = target.to_local()
+    target.copy_(full)
 
 
-def full_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module, layout: Layout) -> dict | None:
-    """The optimiser state as a single process would hold it, on the main process (None
-    elsewhere; the expert moments gathered whole into CPU memory); every process of the first
-    ep group takes part."""
-    def gather_to_cpu(t, axis, ep):  # whole moments one at a time, kept in CPU memory
-        whole = gather_shards(t, axis, ep)
-        return whole.cpu() if whole is not None else None
+def load_full_checkpoint(tensors: dict[str, Tensor], weights, optimizer_state: dict, model: nn.Module,
+                         order: list[nn.Parameter]) -> None:
+    """Fill checkpoint_tensors' `tensors` from a one-process checkpoint: `weights` (a safe_open
+    handle, tied tensors stored once) and its optimiser state_dict, whose parameters are
+    numbered in `order` (optim.param_groups'). A parameter without optimiser state (no gradient
+    yet) keeps the zero state init_optimizer_state gave it."""
+    axes = expert_axes(model)
+    stored = set(weights.keys())
+    aliases: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        aliases.setdefault(id(p), []).append(n)
+    alias = {n: next((a for a in names if a in stored), n) for names in aliases.values() for n in names}
+    names = {id(p): n for n, p in model.named_parameters()}
+    index = {names[id(p)]: i for i, p in enumerate(order)}
+    cache: dict[str, Tensor] = {}  # the whole tensor behind consecutive expert pieces
+    for key, target in tensors.items():
+        base, _, expert = key.partition("@")
+        kind, rest = base.split(".", 1)
+        name, moment = (rest, None) if kind == "model" else rest.rsplit(".", 1)
+        if moment is not None and index[name] not in optimizer_state["state"]:
+            continue
+        if base not in cache:
+            cache.clear()
+            try:
+                cache[base] = (weights.get_tensor(alias.get(name, name)) if moment is None
+                               else optimizer_state["state"][index[name]][moment])
+            except (KeyError, IndexError, TypeError, SafetensorError) as e:
+                raise CheckpointError(f"checkpoint has no {base} ({first_line(e)})") from None
+        full = cache[base].select(axes[name], int(expert)) if expert else cache[base]
+        copy_from_full(target, full, key)
 
-    state = optimizer.state_dict()
-    if layout.ep is not None and layout.rank < layout.ep.size:
-        state = _map_expert_moments(state, optimizer, model, layout, gather_to_cpu)
-    return state if layout.is_main else None
 
-
-def shard_optimizer_state(state: dict, optimizer: torch.optim.Optimizer, model: nn.Module, layout: Layout) -> dict:
-    """A full optimiser state (any process count wrote it) cut to this process's experts."""
-    if layout.ep is None:
-        return state
-    return _map_expert_moments(state, optimizer, model, layout, take_shard)
+@contextmanager
+def gathered(model: nn.Module) -> Iterator[None]:
+    """Every FSDP2 unit's parameters whole for the block (all processes enter it): to read
+    weights outside a forward, as the summary's SaMoE coefficients."""
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in units:
+        m.unshard()
+    try:
+        yield
+    finally:
+        for m in units:
+            m.reshard()
 
 
 def gather_rng_states(layout: Layout) -> list[torch.Tensor] | None:

@@ -22,7 +22,7 @@ from samoe.train.distributed import check_layout
 # A resumed run continues with its saved config; only these keys may be changed on resume: the
 # step count (to train further), and where it runs (which does not change what it computes:
 # checkpoints move between devices and process layouts).
-RESUMABLE_KEYS = ("train.max_steps", "train.device", "train.ep")
+RESUMABLE_KEYS = ("train.max_steps", "train.device", "train.ep", "train.fsdp")
 
 
 def resume_config(run_dir: str | Path, overrides: list[str]) -> Config:

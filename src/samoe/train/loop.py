@@ -30,6 +30,7 @@ from samoe.train.distributed import (
     Layout,
     all_mean,
     clip_grad_norm,
+    gradient_sync_paused,
     reduce_expert_grads,
     reset_a2a_bytes,
     step_metrics,
@@ -110,7 +111,7 @@ def forward_backward(tr: Trainer, x: Tensor, y: Tensor, hook: StepHook | None = 
     for i, (xm, ym) in enumerate(pieces):
         weight = xm.shape[0] / local
         accumulate = layout.world > 1 and i < len(pieces) - 1
-        with tr.ddp.no_sync() if accumulate else nullcontext():  # DDP reduces once, after the last
+        with gradient_sync_paused(tr.ddp, layout) if accumulate else nullcontext():  # reduce after the last
             with tr.autocast(), hook.forward() if hook else nullcontext():
                 out = tr.ddp(xm.to(tr.device, non_blocking=True), ym.to(tr.device, non_blocking=True))
             ((out.loss + out.aux_loss) * weight).backward()

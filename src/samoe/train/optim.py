@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from samoe.config import TrainConfig
 
@@ -17,14 +18,12 @@ def decays(name: str, p: nn.Parameter) -> bool:
     return not is_bias and not any(s in name for s in NO_DECAY)
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = True,
-                    coef_lr_scale: float = 1.0) -> torch.optim.AdamW:
-    """AdamW, fused (one pass over each parameter instead of a dozen elementwise ones: about 4x
-    faster on CPU, where the default-preset MoE's unfused optimiser step took a tenth of the
-    training step) unless fused=False (devices without a fused kernel). Weight decay on weight
-    matrices and expert weights; none on norms, biases, embeddings, router weights and SaMoE
-    coefficient logits. With coef_lr_scale != 1 the coefficient logits
-    get a group of their own whose learning rate is coef_lr_scale times the schedule's (set_lr)."""
+def param_groups(model: nn.Module, cfg: TrainConfig, coef_lr_scale: float = 1.0) -> list[dict]:
+    """The optimiser's groups, parameters in the order a one-process optimizer.state_dict()
+    numbers them: weight decay on weight matrices and expert weights; none on norms, biases,
+    embeddings, router weights and SaMoE coefficient logits. With coef_lr_scale != 1 the
+    coefficient logits get a group of their own whose learning rate is coef_lr_scale times the
+    schedule's (set_lr)."""
     decay, no_decay, coef = [], [], []
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -36,6 +35,20 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = True,
               {"params": no_decay, "weight_decay": 0.0, "lr_scale": 1.0}]
     if coef:
         groups.append({"params": coef, "weight_decay": 0.0, "lr_scale": coef_lr_scale})
+    return groups
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = True,
+                    coef_lr_scale: float = 1.0) -> torch.optim.AdamW:
+    """AdamW over param_groups, fused (one pass over each parameter instead of a dozen
+    elementwise ones: about 4x faster on CPU, where the default-preset MoE's unfused optimiser
+    step took a tenth of the training step) unless fused=False (devices without a fused kernel)."""
+    groups = []
+    for group in param_groups(model, cfg, coef_lr_scale):  # FSDP2's DTensors and plain tensors: separate kernel calls
+        for kind in (False, True):
+            params = [p for p in group["params"] if isinstance(p, DTensor) == kind]
+            if params or (not kind and not group["params"]):
+                groups.append({**group, "params": params})
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused or None)
 
 

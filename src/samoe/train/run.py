@@ -23,7 +23,16 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from samoe.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_error
+from samoe.checkpoint import (
+    is_sharded,
+    latest_checkpoint,
+    load_sharded,
+    open_checkpoint,
+    read_full_tensors,
+    save_checkpoint,
+    save_sharded,
+    write_error,
+)
 from samoe.config import Config
 from samoe.config_load import save_config
 from samoe.data.prepare import Splits, load_splits
@@ -38,20 +47,21 @@ from samoe.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, resolve_device
 from samoe.train.distributed import (
     Layout,
     all_sum,
-    full_optimizer_state,
-    full_weights,
+    checkpoint_tensors,
+    expert_axes,
     gather_rng_states,
     init_layout,
+    init_optimizer_state,
+    load_full_checkpoint,
     parallelize,
-    reshard,
     run_on_main,
     seed_process,
-    shard_optimizer_state,
     shutdown,
 )
 from samoe.train.loop import Trainer, new_trainer, train_step
+from samoe.train.optim import param_groups
 from samoe.train.perplexity import evaluate
-from samoe.train.tracking import Trackers, check_installed
+from samoe.train.tracking import Trackers, check_installed, model_extras
 from samoe.train.upcycle import check_fits as check_upcycle_fits
 from samoe.train.upcycle import load_dense_source, upcycle
 
@@ -141,13 +151,22 @@ class Run:
                         all_sum=partial(all_sum, layout=tr.layout), spread=tr.cfg.train.eval_windows == "spread")
 
 
-def restore_state(tr: Trainer, state: dict, ckpt: Path) -> None:
-    """Continue from a checkpoint's state (load_checkpoint's answer; the weights are already
-    loaded): the optimiser, the RNG and data-sampler state, the step count."""
-    try:
-        tr.optimizer.load_state_dict(shard_optimizer_state(state["optimizer"], tr.optimizer, tr.model, tr.layout))
-    except (KeyError, ValueError, IndexError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint '{ckpt}' has an unusable optimiser state: {e}") from None
+def restore(tr: Trainer, ckpt: Path) -> None:
+    """Continue from checkpoint `ckpt`, of either format and any layout: the weights and
+    optimiser state (each process reading its share), the RNG and data-sampler state, the step."""
+    init_optimizer_state(tr.optimizer)
+    tensors = checkpoint_tensors(tr.model, tr.optimizer, tr.layout)
+    if is_sharded(ckpt):
+        state = load_sharded(ckpt, tensors)
+    else:
+        state = open_checkpoint(ckpt)
+        try:
+            with read_full_tensors(ckpt) as weights:
+                order = [p for g in param_groups(tr.model, tr.cfg.train, tr.cfg.model.moe.pool.lr_scale)
+                         for p in g["params"]]
+                load_full_checkpoint(tensors, weights, state["optimizer"], tr.model, order)
+        except (KeyError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint '{ckpt}' does not match the model: {e}") from None
     _set_rng_state(state["rng"], tr.data_gen, tr.layout)
     tr.step = int(state["step"])
 
@@ -198,18 +217,17 @@ def set_up(cfg: Config, run_dir: Path, resume: bool, layout: Layout, device: tor
     cfg.model.vocab_size = splits.tokenizer.vocab_size
 
     torch.manual_seed(cfg.train.seed)
-    model = parallelize(GPT(cfg.model), layout).to(device)  # drawn whole on every process, then sharded
+    model = GPT(cfg.model)  # drawn whole on every process, then sharded
     if source is not None:
-        upcycle(model, source, init_noise, cfg.train.seed, reshard(layout))
+        upcycle(model, source, init_noise, cfg.train.seed)
     if cfg.model.moe.hash_map == "balanced" and not resume:
         model.set_token_frequencies(torch.from_numpy(np.bincount(splits.train.tokens, minlength=cfg.model.vocab_size)))
-    if resume:
-        state = load_checkpoint(ckpt, model, device, reshard(layout))
+    model = parallelize(model, layout)
     seed_process(cfg.train.seed, layout)
     tr = new_trainer(cfg, model, splits.train, layout)
     metrics_path = run_dir / METRICS_FILE
     if resume:
-        restore_state(tr, state, ckpt)
+        restore(tr, ckpt)
         if main:
             _truncate_metrics(metrics_path, tr.step)
     elif main and metrics_path.exists():
@@ -225,8 +243,11 @@ def evaluate_and_log(run: Run, row: dict, metrics, bar: tqdm) -> dict | None:
     step, val = tr.step, None
     due = step % t.eval_every == 0 or step == t.max_steps
     logged = metrics is not None and (due or step % t.log_every == 0)
-    if logged:  # the training step's routing: taken before evaluation routes other tokens
+    extras = None
+    if due or step % t.log_every == 0:  # the training step's routing: taken before evaluation routes other tokens
         row.update(tr.model.routing_stats())
+        if run.trackers.wants_extras:  # on every process: the coefficients may be sharded
+            extras = model_extras(tr.model)
     if due:
         val = run.evaluate()
         row.update({k: val[k] for k in ("val_loss", "val_ppl", "val_bpb")})
@@ -239,23 +260,24 @@ def evaluate_and_log(run: Run, row: dict, metrics, bar: tqdm) -> dict | None:
             metrics.flush()
         except OSError as e:
             raise write_error(Path(metrics.name), e, run.run_dir) from None
-        if run.trackers is not None:
-            run.trackers.log(step, row, tr.model)
+        run.trackers.log(step, row, extras)
     bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
     bar.update(1)
     return val
 
 
 def save(run: Run) -> None:
-    """A checkpoint of the step just taken: full weights, optimiser, RNG and sampler state
-    (gathered from every process; the main process writes)."""
-    tr = run.trainer
-    state = {"optimizer": full_optimizer_state(tr.optimizer, tr.model, tr.layout),
-             "rng": _rng_state(tr.data_gen, tr.layout)}
-    weights = full_weights(tr.model, tr.layout)
-    if tr.layout.is_main:
-        save_checkpoint(run.run_dir, tr.step, weights, state)
-    tr.layout.barrier()
+    """A checkpoint of the step just taken: weights, optimiser, RNG and sampler state. One
+    process writes today's one-file format; more write a sharded checkpoint, each its share."""
+    tr, layout = run.trainer, run.trainer.layout
+    rng = _rng_state(tr.data_gen, layout)
+    if layout.world == 1:
+        save_checkpoint(run.run_dir, tr.step, tr.model, {"optimizer": tr.optimizer.state_dict(), "rng": rng})
+        return
+    init_optimizer_state(tr.optimizer)  # a parameter no token has reached yet: its zero state, stored too
+    meta = {"layout": {"processes": layout.world, "ep": tr.cfg.train.ep, "fsdp": layout.fsdp is not None},
+            "expert_axes": expert_axes(tr.model)}
+    save_sharded(run.run_dir, tr.step, checkpoint_tensors(tr.model, tr.optimizer, layout), {"rng": rng}, meta)
 
 
 def summarise(run: Run, val: dict, start: int, wall_s: float) -> dict:
@@ -274,6 +296,7 @@ def summarise(run: Run, val: dict, start: int, wall_s: float) -> dict:
         "device": str(tr.device),
         "processes": tr.layout.world,
         "ep": t.ep,
+        "fsdp": t.fsdp and tr.layout.world > 1,
     }
     coefficients = tr.model.pool_coefficients()
     if coefficients is not None:

@@ -26,8 +26,12 @@ def synthetic_step(cfg: Config, batch_size: int | None = None) -> Callable[[], d
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch_size,
                                                                  micro_batch_size=None))
     torch.manual_seed(0)
-    model = GPT(cfg.model)
-    n = WINDOWS * cfg.train.batch_size * (cfg.model.block_size + 1)
-    tokens = np.random.default_rng(0).integers(0, cfg.model.vocab_size, size=n, dtype=np.int32)
-    tr = new_trainer(cfg, model, TokenStream(tokens, "random tokens"))
+    tr = new_trainer(cfg, GPT(cfg.model), synthetic_stream(cfg))
     return lambda: train_step(tr)
+
+
+def synthetic_stream(cfg: Config) -> TokenStream:
+    """Uniformly random tokens (seed 0), WINDOWS batches of cfg's windows."""
+    n = WINDOWS * cfg.train.batch_size * (cfg.model.block_size + 1)
+    return TokenStream(np.random.default_rng(0).integers(0, cfg.model.vocab_size, size=n, dtype=np.int32),
+                       "random tokens")

@@ -46,7 +46,8 @@ def check_installed(loggers: list[str]) -> None:
 
 
 def model_extras(model: GPT) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
-    """(scalars, histograms): SaMoE's coefficients and each MoE layer's load of its last forward."""
+    """(scalars, histograms): SaMoE's coefficients and each MoE layer's load of its last forward.
+    Every process calls it (the coefficients may be sharded over them)."""
     scalars: dict[str, float] = {}
     for l, c in enumerate(model.pool_coefficients() or []):
         c = torch.tensor(c)
@@ -109,6 +110,8 @@ class Trackers:
     """The run's trackers (none on other processes than the main one); each call is guarded."""
 
     def __init__(self, cfg: Config, run_dir: Path, start_step: int, main: bool = True):
+        # the same on every process: the extras are computed by all of them (model_extras)
+        self.wants_extras = any(name in KINDS for name in cfg.train.loggers)
         self.active = {}
         for name in dict.fromkeys(cfg.train.loggers) if main else ():
             if name in KINDS:
@@ -122,10 +125,11 @@ class Trackers:
             print(f"warning: logger {name!r} failed and is switched off for the rest of the run "
                   f"({type(e).__name__}: {e}); metrics.jsonl is complete", file=sys.stderr)
 
-    def log(self, step: int, row: dict, model: GPT) -> None:
+    def log(self, step: int, row: dict, extras: tuple[dict, dict] | None) -> None:
+        """Log `row` and model_extras' (scalars, histograms) to every active tracker."""
         if not self.active:
             return
-        scalars, hists = model_extras(model)
+        scalars, hists = extras or ({}, {})
         row = {**row, **scalars}
         for name, tracker in list(self.active.items()):
             self._guard(name, lambda t=tracker: t.log(step, row, hists))

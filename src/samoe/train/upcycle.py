@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,14 +171,12 @@ def upcycled_tensors(model: GPT, src: DenseSource, noise: float = 0.0, seed: int
 
 
 @torch.no_grad()
-def upcycle(model: GPT, src: DenseSource, noise: float = 0.0, seed: int = 0,
-            reshard: Callable[[str, Tensor], Tensor] | None = None) -> None:
-    """Copy the upcycled tensors into model (in place); `reshard` cuts expert tensors to this
-    process's share under expert parallelism. UpcycleError on a shape that does not fit."""
+def upcycle(model: GPT, src: DenseSource, noise: float = 0.0, seed: int = 0) -> None:
+    """Copy the upcycled tensors into the whole model (in place; before parallelize shards it).
+    UpcycleError on a shape that does not fit."""
     check_fits(model.cfg, src)
     own = model.state_dict()
     for name, tensor in upcycled_tensors(model, src, noise, seed).items():
-        tensor = (reshard or (lambda n, x: x))(name, tensor)
         if tensor.shape != own[name].shape:
             raise UpcycleError(f"--init-from '{src.path}': {name} has shape {list(tensor.shape)} in the source, "
                                f"the new model {list(own[name].shape)}")
