@@ -53,6 +53,7 @@ from safetensors.torch import save_file, save_model
 from torch import Tensor, nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.metadata import StorageMeta
+from torch.distributed.tensor import DTensor
 
 from samoe.errors import CheckpointError
 from samoe.fileio import write_text_atomic
@@ -75,6 +76,8 @@ def save_checkpoint(run_dir: Path, step: int, weights: nn.Module | dict[str, Ten
 
 def _nbytes(obj) -> int:
     """Bytes of the tensors in obj (a tensor, or dicts, lists and tuples of them)."""
+    if isinstance(obj, DTensor):  # this process's shard
+        obj = obj.to_local()
     if isinstance(obj, Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
@@ -191,9 +194,13 @@ def save_sharded(run_dir: Path, step: int, tensors: dict[str, Tensor], state: di
         dcp.save(tensors, storage_writer=FileSystemWriter(tmp, sync_files=False))
         files = sorted(f.name for f in tmp.iterdir())  # each process hashes a share of the files
         hashes = {f: _sha256(tmp / f) for f in files[rank::world]}
-    except Exception as e:  # dcp.save raises on every process when any one failed
+    except BaseException as e:  # dcp.save raises on every process when any one failed
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
+        if any(isinstance(x, KeyboardInterrupt) for x in (e, *_dcp_failures(e))):  # Ctrl-C, wrapped by DCP
+            raise KeyboardInterrupt from None
+        if not isinstance(e, Exception):
+            raise
         raise write_error(final, e, run_dir, _nbytes(tensors)) from None
     every = [None] * world if rank == 0 else None
     dist.gather_object(hashes, every, dst=0)
@@ -275,12 +282,14 @@ class _SafeReader(FileSystemReader):
         return metadata
 
 
+def _dcp_failures(e: BaseException) -> list[BaseException]:
+    """The processes' own errors inside DCP's CheckpointException ((error, stack) by rank)."""
+    return [f[0] if isinstance(f, tuple) else f for f in (getattr(e, "failures", None) or {}).values()]
+
+
 def _dcp_reason(e: Exception) -> str:
     """The first process's own error inside DCP's CheckpointException (whose message names only ranks)."""
-    failures = getattr(e, "failures", None)
-    if failures:
-        inner = next(iter(failures.values()))
-        e = getattr(inner, "exception", inner) if not isinstance(inner, Exception) else inner
+    e = next(iter(_dcp_failures(e)), e)
     return (str(e).strip().splitlines() or [type(e).__name__])[-1]
 
 
