@@ -342,7 +342,7 @@ import os, signal, sys, torch
 from samoe import checkpoint
 from samoe.config_load import load_config
 from samoe.model.gpt import GPT
-from samoe.train import distributed
+from samoe.train import distributed, state
 from samoe.train.loop import new_trainer
 from samoe.train.run import restore
 run = sys.argv[1]
@@ -353,8 +353,8 @@ restore(tr, checkpoint.latest_checkpoint(run))
 def dying_save(obj, f, *a, **k):  # the main process writes state.pt after every shard is on disk
     os.kill(os.getpid(), signal.SIGKILL)
 checkpoint.torch.save = dying_save
-distributed.init_optimizer_state(tr.optimizer)
-checkpoint.save_sharded(run, 20, distributed.checkpoint_tensors(tr.model, tr.optimizer, layout), {}, {"expert_axes": {}})
+state.init_optimizer_state(tr.optimizer)
+checkpoint.save_sharded(run, 20, state.checkpoint_tensors(tr.model, tr.optimizer, layout), {}, {"expert_axes": {}})
 """
 
 

@@ -47,12 +47,9 @@ from samoe.runs import CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, resolve_device
 from samoe.train.distributed import (
     Layout,
     all_sum,
-    checkpoint_tensors,
     expert_axes,
     gather_rng_states,
     init_layout,
-    init_optimizer_state,
-    load_full_checkpoint,
     parallelize,
     run_on_main,
     seed_process,
@@ -61,6 +58,7 @@ from samoe.train.distributed import (
 from samoe.train.loop import Trainer, new_trainer, train_step
 from samoe.train.optim import param_groups
 from samoe.train.perplexity import evaluate
+from samoe.train.state import checkpoint_tensors, init_optimizer_state, load_full_checkpoint
 from samoe.train.tracking import Trackers, check_installed, model_extras
 from samoe.train.upcycle import check_fits as check_upcycle_fits
 from samoe.train.upcycle import load_dense_source, upcycle
