@@ -53,7 +53,9 @@ def _depth_study(root):
             "L2-dense": (["model.moe.enabled=false", "model.n_layers=4"], [3.0, 3.1, 3.05]),
             "L2-moe": (["model.moe.sharing=private", "model.n_layers=4"], [2.7, 2.8, 2.75]),
             "L2-samoe-k2": (["model.n_layers=4"], [2.8, 2.85, 2.9]),
-            "L2-samoe-k1": (["model.n_layers=4", "model.moe.pool.size=1"], [2.95, 3.0])}
+            "L2-samoe-k1": (["model.n_layers=4", "model.moe.pool.size=1"], [2.95, 3.0]),
+            "L2-tying": (["model.n_layers=4", "model.moe.pool.init=sequence", "model.moe.pool.freeze=true"],
+                         [2.82, 2.90, 2.90])}
     for arm, (overrides, losses) in spec.items():
         for seed, loss in enumerate(losses, 1):
             run = make_study_run(root / arm / f"seed{seed}", loss, overrides, seed=seed)
@@ -87,6 +89,25 @@ def test_depth_groups_compare_each_arm_with_its_own_depths_dense_and_moe(tmp_pat
     h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
     assert f"| L2-samoe-k2 | 3 | 2 (ln K = 0.69) | 0.69 {h:.2f} {h:.2f} {h:.2f} | {(0.5 + 3 * 0.9) / 4:.2f} " \
            f"{(0.5 + 3 * 0.1) / 4:.2f} |" in text
+
+
+def test_equal_parameter_rivals_are_paired_with_samoe_k2_by_seed(tmp_path):
+    """The decision rule: L2-tying stores what L2-samoe-k2 stores and is compared with it seed by
+    seed; K = 1 stores less and is left out."""
+    path, rows = report.write_report(_depth_study(tmp_path / "depth"))
+    tying = next(r for r in rows if r["arm"] == "L2-tying")["against_reference"]
+    # d = tying - k2 by seed: (2.82 - 2.80, 2.90 - 2.85, 2.90 - 2.90) = (0.02, 0.05, 0.00)
+    # mean 0.07 / 3 = 0.023333, s_d² = ((-0.003333)² + 0.026667² + (-0.023333)²) / 2 = 0.0006333
+    # s_d = 0.025166, half = t(0.975, 2) · s_d / √3 = 4.302653 · 0.014530 = 0.062517
+    assert tying["reference"] == "L2-samoe-k2" and tying["seeds"] == 3
+    assert tying["diff"] == pytest.approx(0.023333, abs=1e-6)
+    assert tying["low"] == pytest.approx(0.023333 - 0.062517, abs=1e-5)
+    assert tying["high"] == pytest.approx(0.023333 + 0.062517, abs=1e-5)
+    # in shares of L2's MoE gain (3.05 - 2.75 = 0.3): -0.023333 / 0.3 = -7.8 points
+    assert tying["share_diff"] == pytest.approx(-0.077778, abs=1e-5)
+    text = path.read_text()
+    assert "| L2-tying | L2-samoe-k2 |" in text and "not distinguishable" in text
+    assert "L2-samoe-k1 | L2-samoe-k2" not in text and "L1-" not in text.split("at its parameters")[1].split("##")[0]
 
 
 def test_each_arm_keeps_the_latest_speed_that_timed_it_and_a_date_redraws_an_old_one(tmp_path):

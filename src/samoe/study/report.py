@@ -49,7 +49,16 @@ from samoe.fileio import write_text_atomic
 from samoe.plots import pyplot, save_png
 from samoe.runs import METRICS_FILE, SUMMARY_FILE, read_json, read_metrics
 from samoe.study.against_dense import against_dense_rows, format_against_dense, format_gap_by_tokens, gap_by_tokens
-from samoe.study.depth import format_per_second, format_pool_use, per_second_rows, plot_frontier, pool_use_rows
+from samoe.study.depth import (
+    EQUAL_PARAMS,
+    equal_params_rows,
+    format_equal_params,
+    format_per_second,
+    format_pool_use,
+    per_second_rows,
+    plot_frontier,
+    pool_use_rows,
+)
 from samoe.study.diversity import format_poolsize, plot_gap_diversity, poolsize_rows
 from samoe.study.headline import format_headline, headline_rows
 from samoe.study.runs_table import WHOLE_SPLIT, Arm, RunRecord, corpus_of, final_losses, finished_run_dirs, mean_std
@@ -292,6 +301,16 @@ def _finished_sections(root: Path, arms: list[Arm], names: list[str], limit: int
                  format_per_second(per_second)]
         for r in per_second:
             by_arm[r["arm"]]["per_second"] = {k: v for k, v in r.items() if k != "arm"}
+        rivals = equal_params_rows(arms)
+        if rivals:
+            text += ["", "## SaMoE K = 2 against the alternatives at its parameters", "",
+                     f"Every arm of a group within {100 * EQUAL_PARAMS:.0f}% of its `samoe-k2`'s total parameters, "
+                     "paired with it by seed (a seed gives every arm the same batches): the mean difference of "
+                     "final val losses (positive: SaMoE K = 2 lower) with its 95% interval (Student's t on the "
+                     "paired differences, n - 1 degrees of freedom), and the same in shares of the MoE's gain "
+                     "over dense.", "", format_equal_params(rivals)]
+            for r in rivals:
+                by_arm[r["arm"]]["against_reference"] = {k: v for k, v in r.items() if k != "arm"}
         frontier = plot_frontier(headline, root)
         images += [frontier] if frontier else []
     pool_use = pool_use_rows(arms)
