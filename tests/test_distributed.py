@@ -30,6 +30,7 @@ import torch.multiprocessing as mp
 from helpers import read_metrics, write_corpus
 from samoe.analysis import gradflow
 from samoe.checkpoint import MANIFEST, latest_checkpoint, load_checkpoint, save_checkpoint
+from samoe.cli import main
 from samoe.config_load import load_config
 from samoe.data.dataset import TokenStream
 from samoe.model.gpt import GPT
@@ -189,11 +190,14 @@ def test_gradient_flow_records_an_expert_parallel_run():
 # --------------------------------------------------------------------------- whole runs
 
 
-def _samoe(*args: str, env: dict | None = None, torchrun: int = 0) -> subprocess.CompletedProcess:
-    """`samoe ARGS`, or `torchrun --standalone --nproc_per_node N -m samoe ARGS` when torchrun = N."""
+def _samoe(*args: str, env: dict | None = None, torchrun: int = 0, wait: bool = True):
+    """`samoe ARGS`, or `torchrun --standalone --nproc_per_node N -m samoe ARGS` when torchrun = N:
+    its CompletedProcess, or with wait=False the running Popen (text pipes)."""
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else []
-    return subprocess.run([sys.executable, *launcher, "-m", "samoe", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})}, timeout=600)
+    cmd, env = [sys.executable, *launcher, "-m", "samoe", *args], {**os.environ, **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
 
 
 def _run_args(corpus: Path, out: Path, steps: int = 20, *extra: str) -> list[str]:
@@ -221,14 +225,18 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     env = {"SAMOE_CACHE": str(root / "cache"), "OMP_NUM_THREADS": "1"}
     corpus = write_corpus(root / "corpus.txt")
-    out = {}
-    for name, extra, torchrun in [("one", (), 0), ("ep2", ("--ep", "2"), 2), ("dp2", ("--nproc", "2"), 0),
-                                  ("dp2ep2", ("--nproc", "4", "--ep", "2"), 0), ("ep4", ("--nproc", "4", "--ep", "4"), 0),
-                                  ("fsdp2", ("--nproc", "2", "--fsdp"), 0),
-                                  ("ep2fsdp4", ("--nproc", "4", "--ep", "2", "--fsdp"), 0)]:
-        out[name] = root / name
-        done = _samoe(*_run_args(corpus, out[name]), *extra, env=env, torchrun=torchrun)
-        assert done.returncode == 0, done.stderr[-3000:]
+    layouts = [("one", (), 0), ("ep2", ("--ep", "2"), 2), ("dp2", ("--nproc", "2"), 0),
+               ("dp2ep2", ("--nproc", "4", "--ep", "2"), 0), ("ep4", ("--nproc", "4", "--ep", "4"), 0),
+               ("fsdp2", ("--nproc", "2", "--fsdp"), 0), ("ep2fsdp4", ("--nproc", "4", "--ep", "2", "--fsdp"), 0)]
+    out = {name: root / name for name, _, _ in layouts}
+    one = _samoe(*_run_args(corpus, out["one"]), env=env)  # fills the data cache the others read
+    assert one.returncode == 0, one.stderr[-3000:]
+    # the others at once: start-up (imports, rendezvous) is most of each run's time, and it overlaps
+    procs = {name: _samoe(*_run_args(corpus, out[name]), *extra, env=env, torchrun=torchrun, wait=False)
+             for name, extra, torchrun in layouts[1:]}
+    for name, proc in procs.items():
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, (name, stderr[-3000:])
     return root, corpus, env, out
 
 
@@ -383,12 +391,14 @@ def test_a_process_killed_mid_save_leaves_the_previous_checkpoint_and_the_run_re
     (("--nproc", "2"), ("train.micro_batch_size=8",), "train.micro_batch_size = 8 must divide the per-process batch 4"),
     (("--nproc", "0"), (), "--nproc = 0"),
 ])
-def test_impossible_layouts_are_one_line_errors(tmp_path, flags, overrides, message):
+def test_impossible_layouts_are_one_line_errors(tmp_path, monkeypatch, capsys, flags, overrides, message):
+    """Checked before any process starts, so in-process (the exit status through a subprocess is
+    test_an_error_on_the_main_process_is_one_line_from_all_of_them's)."""
+    monkeypatch.setenv("SAMOE_CACHE", str(tmp_path / "cache"))
     corpus = write_corpus(tmp_path / "corpus.txt", n_docs=20)
-    done = _samoe(*_run_args(corpus, tmp_path / "run", 2, *overrides), *flags, env={"SAMOE_CACHE": str(tmp_path / "cache")})
-    assert done.returncode == 2, done.stderr[-2000:]
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("samoe: error:") and message in lines[0], done.stderr
+    assert main([*_run_args(corpus, tmp_path / "run", 2, *overrides), *flags]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("samoe: error:") and message in lines[0], lines
     assert not (tmp_path / "run").exists()
 
 
