@@ -10,6 +10,7 @@ import pytest
 from helpers import make_study_run
 from samoe.errors import UserError
 from samoe.study import report, speeds
+from samoe.study.depth import welch_interval
 from samoe.study.share import format_interval, share_of_gain
 
 
@@ -85,10 +86,21 @@ def test_depth_groups_compare_each_arm_with_its_own_depths_dense_and_moe(tmp_pat
     # per second: the fake runs log 1,000 tokens/s and evaluate every 2 steps, so every run ends at the
     # same second, and there the shares equal the per-step ones
     assert k2["per_second"]["keeps"] == pytest.approx(k2["keeps_moe_gain"])
+    want_low, want_high = welch_interval([3.0, 3.1, 3.05], [2.7, 2.8, 2.75])
+    assert (k2["per_second"]["moe_gain_low"], k2["per_second"]["moe_gain_high"]) == \
+        (pytest.approx(want_low), pytest.approx(want_high))
     # pool use: layer 0 uniform over K = 2 (ln 2), the others 0.9 / 0.1; load the mean over layers
     h = -(0.9 * math.log(0.9) + 0.1 * math.log(0.1))
     assert f"| L2-samoe-k2 | 3 | 2 (ln K = 0.69) | 0.69 {h:.2f} {h:.2f} {h:.2f} | {(0.5 + 3 * 0.9) / 4:.2f} " \
            f"{(0.5 + 3 * 0.1) / 4:.2f} |" in text
+
+
+def test_welch_interval_equals_a_case_computed_by_hand():
+    # x 3.0 3.1 3.2, y 2.8 2.9 3.0: difference 0.2, s²/n = 0.01/3 each, se = sqrt(0.0066667) = 0.0816497
+    # df = (0.0066667)² / (2 · 0.0033333² / 2) = 4, t(0.975, 4) = 2.776445: half-width 0.226697
+    low, high = welch_interval([3.0, 3.1, 3.2], [2.8, 2.9, 3.0])
+    assert low == pytest.approx(0.2 - 0.226697, abs=1e-5) and high == pytest.approx(0.2 + 0.226697, abs=1e-5)
+    assert all(math.isnan(v) for v in welch_interval([3.0], [2.8, 2.9]))
 
 
 def test_equal_parameter_rivals_are_paired_with_samoe_k2_by_seed(tmp_path):

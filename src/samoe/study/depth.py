@@ -4,7 +4,9 @@ their pool.
 
 Per second: within each comparison group (samoe.study.headline), every run's val loss at t*, the
 training time at which the group's first run finished (linear between evaluations,
-report.loss_at_seconds), then share_of_gain on those losses as on the final ones.
+report.loss_at_seconds), then share_of_gain on those losses as on the final ones, and the MoE's
+gain over dense there with Welch's interval (L̄_d - L̄_m ± t(0.975, df) · sqrt(s_d²/n_d + s_m²/n_m),
+df by Welch-Satterthwaite).
 
 The frontier (frontier.png): each arm at x = P_moe / P_arm (the factor of total parameters saved)
 and y = its share of the MoE's gain, with its 95% interval as an error bar; SaMoE's pool sizes at
@@ -46,31 +48,48 @@ REFERENCE = "samoe-k2"
 EQUAL_PARAMS = 0.03  # the issue's "within 3% of SaMoE K = 2's total parameters"
 
 
+def welch_interval(x: list[float], y: list[float], level: float = LEVEL) -> tuple[float, float]:
+    """The interval of mean(x) - mean(y) by Welch's t (nan with fewer than 2 values in either)."""
+    (mx, sx), (my, sy) = mean_std(x), mean_std(y)
+    if min(len(x), len(y)) < 2:
+        return math.nan, math.nan
+    vx, vy = sx ** 2 / len(x), sy ** 2 / len(y)
+    if vx + vy == 0:
+        return mx - my, mx - my
+    df = (vx + vy) ** 2 / (vx ** 2 / (len(x) - 1) + vy ** 2 / (len(y) - 1))
+    half = student_t.ppf(0.5 + level / 2, df) * math.sqrt(vx + vy)
+    return mx - my - half, mx - my + half
+
+
 def per_second_rows(arms: list[Arm], loss_at: Callable[[RunRecord, float], float]) -> list[dict]:
-    """Each arm's share of the MoE's gain at its group's t*, with the interval."""
+    """Each arm's share of the MoE's gain at its group's t*, with the interval, and the MoE's
+    gain over dense there with its Welch interval."""
     rows = []
     for _, _, group in comparison_groups(arms):
         t = min(r.curve[-1][2] for a in group.values() for r in a.runs if r.curve)
         losses = {m: [loss_at(r, t) for r in a.runs] for m, a in group.items()}
+        moe_low, moe_high = welch_interval(losses["dense"], losses["moe"])
         for method, a in group.items():
             if method in ("dense", "moe"):
                 continue
             share = share_of_gain(losses["dense"], losses["moe"], losses[method])
             rows.append({"arm": a.name, "seconds": t, "keeps": share["keeps"], "low": share["low"],
-                         "high": share["high"], "gain": share["gain"], "moe_gain": share["moe_gain"]})
+                         "high": share["high"], "gain": share["gain"], "moe_gain": share["moe_gain"],
+                         "moe_gain_low": moe_low, "moe_gain_high": moe_high})
     return rows
 
 
 def format_per_second(rows: list[dict]) -> str:
-    lines = ["| arm | at training second | gain over dense | the MoE's gain | share kept | interval |",
-             "| --- | ---: | ---: | ---: | ---: | --- |"]
+    lines = ["| arm | at training second | gain over dense | the MoE's gain (95% Welch interval) | share kept "
+             "| interval |", "| --- | ---: | ---: | ---: | ---: | --- |"]
     for r in rows:
         if math.isnan(r["keeps"]):
             share, interval = "n/a", "the MoE does not beat dense at this time"
         else:
             share, interval = f"{100 * r['keeps']:.0f}%", format_interval(r)
-        lines.append(f"| {r['arm']} | {r['seconds']:,.0f} | {r['gain']:+.4f} | {r['moe_gain']:+.4f} | {share} "
-                     f"| {interval} |")
+        moe = f"{r['moe_gain']:+.4f}" + ("" if math.isnan(r["moe_gain_low"]) else
+                                         f" ({r['moe_gain_low']:+.4f} to {r['moe_gain_high']:+.4f})")
+        lines.append(f"| {r['arm']} | {r['seconds']:,.0f} | {r['gain']:+.4f} | {moe} | {share} | {interval} |")
     return "\n".join(lines)
 
 
