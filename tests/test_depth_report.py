@@ -10,7 +10,7 @@ import pytest
 from helpers import make_study_run
 from samoe.errors import UserError
 from samoe.study import report, speeds
-from samoe.study.depth import welch_interval
+from samoe.study.depth import _dodged, welch_interval
 from samoe.study.share import format_interval, share_of_gain
 
 
@@ -101,6 +101,17 @@ def test_welch_interval_equals_a_case_computed_by_hand():
     low, high = welch_interval([3.0, 3.1, 3.2], [2.8, 2.9, 3.0])
     assert low == pytest.approx(0.2 - 0.226697, abs=1e-5) and high == pytest.approx(0.2 + 0.226697, abs=1e-5)
     assert all(math.isnan(v) for v in welch_interval([3.0], [2.8, 2.9]))
+
+
+def test_frontier_spreads_arms_at_nearly_equal_parameters_and_leaves_lone_ones_where_they_are():
+    rows = [{"arm": a, "moe_params_ratio": r} for a, r in
+            [("k4", 2.38), ("k2", 3.63), ("tying", 3.63), ("pool", 3.55), ("narrow", 3.65), ("k1", 4.93)]]
+    x = _dodged(rows)
+    assert x["k4"] == 2.38 and x["k1"] == 4.93  # alone: exact
+    crowd = sorted(x[a] for a in ("k2", "tying", "pool", "narrow"))
+    gaps = [math.log(b / a) for a, b in zip(crowd, crowd[1:])]
+    assert gaps == pytest.approx([0.012] * 3)  # one step apart in log space
+    assert math.log(crowd[0] * crowd[-1]) / 2 == pytest.approx(math.log((3.63 + 3.63 + 3.55 + 3.65) / 4))
 
 
 def test_equal_parameter_rivals_are_paired_with_samoe_k2_by_seed(tmp_path):

@@ -171,6 +171,22 @@ def format_pool_use(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _dodged(rows: list[dict], within: float = 0.03, step: float = 0.012) -> dict[str, float]:
+    """Each arm's x on the frontier: its parameters saved, with arms within `within` (relative) of
+    one another spread sideways by `step` in log space so that their error bars do not overlap."""
+    x, cluster = {}, []
+    for r in sorted(rows, key=lambda r: r["moe_params_ratio"]) + [None]:
+        if r is not None and (not cluster or r["moe_params_ratio"] <= cluster[0]["moe_params_ratio"] * (1 + within)):
+            cluster.append(r)
+            continue
+        centre = math.log(statistics.mean(c["moe_params_ratio"] for c in cluster)) if cluster else 0.0
+        for i, c in enumerate(cluster):
+            offset = (i - (len(cluster) - 1) / 2) * step
+            x[c["arm"]] = c["moe_params_ratio"] if len(cluster) == 1 else math.exp(centre + offset)
+        cluster = [r] if r is not None else []
+    return x
+
+
 def plot_frontier(rows: list[dict], out_dir: Path) -> Path | None:
     """frontier.png from headline rows (share kept with its interval, parameters saved)."""
     rows = [r for r in rows if not math.isnan(r["keeps_moe_gain"])]
@@ -185,37 +201,41 @@ def plot_frontier(rows: list[dict], out_dir: Path) -> Path | None:
     ax.annotate("FLOPs-matched dense", (0.01, 0.0), xycoords=("axes fraction", "data"), fontsize=7, xytext=(0, 3),
                 textcoords="offset points", color="0.4")
 
+    x = _dodged(rows)
+
     def point(r, **kw):
         err = None if math.isnan(r["keeps_low"]) else [[r["keeps_moe_gain"] - r["keeps_low"]],
                                                        [r["keeps_high"] - r["keeps_moe_gain"]]]
-        ax.errorbar([r["moe_params_ratio"]], [r["keeps_moe_gain"]], yerr=err, capsize=3, **kw)
+        ax.errorbar([x[r["arm"]]], [r["keeps_moe_gain"]], yerr=err, capsize=3, **kw)
 
     samoe = [r for r in rows if r["method"].startswith("samoe-k")]
     for group in sorted({r["group"] for r in samoe}, key=str):
         line = sorted((r for r in samoe if r["group"] == group), key=lambda r: r["moe_params_ratio"])
         if len(line) > 1:
-            ax.plot([r["moe_params_ratio"] for r in line], [r["keeps_moe_gain"] for r in line], "-", color="C0",
+            ax.plot([x[r["arm"]] for r in line], [r["keeps_moe_gain"] for r in line], "-", color="C0",
                     alpha=0.5)
     k2 = sorted((r for r in samoe if r["method"] == "samoe-k2"), key=lambda r: r["moe_params_ratio"])
     if len(k2) > 1:
-        ax.plot([r["moe_params_ratio"] for r in k2], [r["keeps_moe_gain"] for r in k2], "--", color="C3",
+        ax.plot([x[r["arm"]] for r in k2], [r["keeps_moe_gain"] for r in k2], "--", color="C3",
                 label="SaMoE K = 2 by depth")
+    others = iter(f"C{i}" for i in range(4, 40))
     for r in rows:
-        is_samoe = r["method"].startswith("samoe-k")
-        point(r, fmt="s" if r["method"] == "samoe-k2" else "o", color="C3" if r["method"] == "samoe-k2" else
-              "C0" if is_samoe else None)
-        ax.annotate(r["arm"], (r["moe_params_ratio"], r["keeps_moe_gain"]), fontsize=7, xytext=(4, -9),
-                    textcoords="offset points")
+        if r["method"].startswith("samoe-k"):  # SaMoE's pool sizes: on the lines, named beside the point
+            point(r, fmt="s" if r["method"] == "samoe-k2" else "o", color="C3" if r["method"] == "samoe-k2" else "C0")
+            ax.annotate(r["arm"], (x[r["arm"]], r["keeps_moe_gain"]), fontsize=7, xytext=(4, -9),
+                        textcoords="offset points")
+        else:  # the alternatives crowd SaMoE K = 2's parameters: named in the legend
+            point(r, fmt="o", color=next(others), label=r["arm"])
     ax.set_xscale("log")
-    xs = [r["moe_params_ratio"] for r in rows] + [1.0]
+    xs = list(x.values()) + [1.0]
     ticks = [t for t in (0.5, 0.75, 1, 1.5, 2, 3, 4, 5, 6, 8) if min(xs) / 1.1 <= t <= max(xs) * 1.1]
     ax.set_xticks(ticks, [f"{t:g}x" for t in ticks])
     ax.minorticks_off()
-    ax.set_xlabel("total parameters saved: the standard MoE's / the arm's (log)")
+    ax.set_xlabel("total parameters saved: the standard MoE's / the arm's (log; arms within 3% spread sideways)")
     ax.set_ylabel("share of the MoE's val-loss gain over dense kept (95% interval)")
     ax.grid(alpha=0.3)
-    if len(k2) > 1:
-        ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     path = out_dir / "frontier.png"
     fig.dpi = 110
