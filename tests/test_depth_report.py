@@ -10,7 +10,7 @@ import pytest
 from helpers import make_study_run
 from samoe.errors import UserError
 from samoe.study import report, speeds
-from samoe.study.depth import _dodged, welch_interval
+from samoe.study.depth import _dodged, format_per_second, welch_interval
 from samoe.study.share import format_interval, share_of_gain
 
 
@@ -112,6 +112,15 @@ def test_frontier_spreads_arms_at_nearly_equal_parameters_and_leaves_lone_ones_w
     gaps = [math.log(b / a) for a, b in zip(crowd, crowd[1:])]
     assert gaps == pytest.approx([0.012] * 3)  # one step apart in log space
     assert math.log(crowd[0] * crowd[-1]) / 2 == pytest.approx(math.log((3.63 + 3.63 + 3.55 + 3.65) / 4))
+
+
+def test_per_second_share_is_withheld_where_the_moes_own_gain_holds_zero():
+    row = {"arm": "L4-samoe-k2", "seconds": 203.0, "keeps": -18.5, "low": -551.7, "high": 514.6, "gain": -0.0292,
+           "moe_gain": 0.0016, "moe_gain_low": -0.0410, "moe_gain_high": 0.0441}
+    text = format_per_second([row, dict(row, arm="L12-samoe-k2", keeps=0.5, low=0.2, high=0.8, moe_gain_low=0.01)])
+    l4, l12 = text.splitlines()[2:]
+    assert "| n/a | the MoE's own gain over dense holds zero at this time |" in l4 and "-1850%" not in l4
+    assert "| 50% | 95% interval 20 to 80% |" in l12
 
 
 def test_equal_parameter_rivals_are_paired_with_samoe_k2_by_seed(tmp_path):

@@ -85,6 +85,8 @@ def format_per_second(rows: list[dict]) -> str:
     for r in rows:
         if math.isnan(r["keeps"]):
             share, interval = "n/a", "the MoE does not beat dense at this time"
+        elif r["moe_gain_low"] <= 0 <= r["moe_gain_high"]:  # a share of a gain not told from zero is noise
+            share, interval = "n/a", "the MoE's own gain over dense holds zero at this time"
         else:
             share, interval = f"{100 * r['keeps']:.0f}%", format_interval(r)
         moe = f"{r['moe_gain']:+.4f}" + ("" if math.isnan(r["moe_gain_low"]) else
