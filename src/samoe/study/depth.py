@@ -176,16 +176,17 @@ def format_pool_use(rows: list[dict]) -> str:
 def _dodged(rows: list[dict], within: float = 0.03, step: float = 0.012) -> dict[str, float]:
     """Each arm's x on the frontier: its parameters saved, with arms within `within` (relative) of
     one another spread sideways by `step` in log space so that their error bars do not overlap."""
-    x, cluster = {}, []
-    for r in sorted(rows, key=lambda r: r["moe_params_ratio"]) + [None]:
-        if r is not None and (not cluster or r["moe_params_ratio"] <= cluster[0]["moe_params_ratio"] * (1 + within)):
-            cluster.append(r)
-            continue
-        centre = math.log(statistics.mean(c["moe_params_ratio"] for c in cluster)) if cluster else 0.0
-        for i, c in enumerate(cluster):
-            offset = (i - (len(cluster) - 1) / 2) * step
-            x[c["arm"]] = c["moe_params_ratio"] if len(cluster) == 1 else math.exp(centre + offset)
-        cluster = [r] if r is not None else []
+    clusters: list[list[dict]] = []
+    for r in sorted(rows, key=lambda r: r["moe_params_ratio"]):
+        if clusters and r["moe_params_ratio"] <= clusters[-1][0]["moe_params_ratio"] * (1 + within):
+            clusters[-1].append(r)
+        else:
+            clusters.append([r])
+    x = {}
+    for c in clusters:
+        centre = math.log(statistics.mean(r["moe_params_ratio"] for r in c))
+        for i, r in enumerate(c):
+            x[r["arm"]] = r["moe_params_ratio"] if len(c) == 1 else math.exp(centre + (i - (len(c) - 1) / 2) * step)
     return x
 
 
